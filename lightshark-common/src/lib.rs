@@ -1,0 +1,154 @@
+//! Types shared by the kernel program and the agent.
+//!
+//! Every struct here crosses the kernel/user boundary byte for byte (map keys,
+//! map values, ring-buffer records, load-time configuration), so each is
+//! `#[repr(C)]` with explicit padding: both sides must agree on the layout and
+//! no byte may be left uninitialised, or hash-map keys would not compare equal.
+#![no_std]
+
+/// Address family tag in [`FlowKey::family`]: the address is the first 4 bytes.
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family tag in [`FlowKey::family`]: the address uses all 16 bytes.
+pub const FAMILY_IPV6: u8 = 6;
+
+/// [`Sample::direction`] of a packet seen by the ingress hook.
+pub const DIRECTION_INGRESS: u8 = 0;
+/// [`Sample::direction`] of a packet seen by the egress hook.
+pub const DIRECTION_EGRESS: u8 = 1;
+
+/// Key of the non-IP counters for 802.3 frames whose type field is a length
+/// (below 0x0600): LLC, STP, CDP. Real ethertypes start at 0x0600.
+pub const NONIP_LLC: u16 = 0;
+/// Key of the non-IP counters for frames too short to hold a link-layer type
+/// or whose IP header cannot be read at all.
+pub const NONIP_RUNT: u16 = 1;
+
+/// Name of the per-flow hash map in the kernel object.
+pub const MAP_FLOWS: &str = "FLOWS";
+/// Name of the per-CPU totals array in the kernel object.
+pub const MAP_TOTALS: &str = "TOTALS";
+/// Name of the per-CPU non-IP counters keyed by ethertype.
+pub const MAP_NONIP: &str = "NONIP";
+/// Name of the sample ring buffer in the kernel object.
+pub const MAP_SAMPLES: &str = "SAMPLES";
+
+/// Program names in the kernel object, one per hook and link type: frames on
+/// Ethernet-like interfaces start with a MAC header, those on tun/WireGuard
+/// interfaces start at the IP header.
+pub const PROG_ETH_INGRESS: &str = "ls_eth_ingress";
+/// See [`PROG_ETH_INGRESS`].
+pub const PROG_ETH_EGRESS: &str = "ls_eth_egress";
+/// See [`PROG_ETH_INGRESS`].
+pub const PROG_RAW_INGRESS: &str = "ls_raw_ingress";
+/// See [`PROG_ETH_INGRESS`].
+pub const PROG_RAW_EGRESS: &str = "ls_raw_egress";
+
+/// The directional 5-tuple a packet is counted under, plus the interface it
+/// was seen on (so the same tuple on two interfaces stays two flows).
+///
+/// Ports are in host byte order and 0 where the protocol has none or the
+/// packet carries none (ICMP, a later fragment, a cut-short header).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ifindex: u32,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What the kernel has counted for one flow since the entry was created.
+///
+/// `packets` counts wire segments (a GSO packet of n segments adds n) and
+/// `bytes` the bytes those segments carry on the link.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+}
+
+/// One ring-buffer record per kernel packet of an IP flow.
+///
+/// `wire_len` is the bytes on the link of all `segments` the packet stands
+/// for, so the sum of `wire_len` equals the flow's byte counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sample {
+    pub timestamp_ns: u64,
+    pub key: FlowKey,
+    pub wire_len: u32,
+    pub segments: u16,
+    pub direction: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Totals kept per CPU in a one-entry array, apart from the flow map, so that
+/// deleting or failing to create a flow entry never loses a count.
+///
+/// Packet fields count wire segments, byte fields bytes on the link.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Every frame either hook saw, IP or not.
+    pub packets: u64,
+    pub bytes: u64,
+    pub ingress_packets: u64,
+    pub ingress_bytes: u64,
+    pub egress_packets: u64,
+    pub egress_bytes: u64,
+    /// Frames that carry no readable IP header (also counted per ethertype).
+    pub nonip_packets: u64,
+    pub nonip_bytes: u64,
+    /// Kernel packets of IP flows for which a sample was due, and the segments
+    /// they stand for: every one of them is either in the ring buffer or
+    /// counted in `ringbuf_drops`.
+    pub samples: u64,
+    pub sample_segments: u64,
+    /// Samples the ring buffer had no room for.
+    pub ringbuf_drops: u64,
+    pub ringbuf_drop_segments: u64,
+    /// Segments of IP packets whose flow had no map entry and could not get
+    /// one (map full); they are still in every other total.
+    pub flow_map_full: u64,
+}
+
+/// A packet and byte counter pair, the value of the non-IP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), hold only integers and byte arrays,
+    // and spell out their padding, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::Sample {}
+    unsafe impl aya::Pod for super::Totals {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<FlowKey>(), 44);
+        assert_eq!(size_of::<FlowStats>(), 32);
+        assert_eq!(size_of::<Sample>(), 64);
+        assert_eq!(size_of::<Totals>(), 13 * 8);
+        assert_eq!(size_of::<Counter>(), 16);
+    }
+}

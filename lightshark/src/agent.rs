@@ -1,0 +1,104 @@
+//! Starting the parts in order, running until a signal, and stopping them in
+//! the order that loses nothing: detach, drain the ring, commit, exit.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{mpsc, Arc},
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
+
+use crate::{
+    api::{self, ApiState},
+    capture::Capture,
+    config::Config,
+    flows::{FlowMaps, LiveState, Poller},
+    interface,
+    samples::{Reader, ReaderStats},
+    store::{SampleStore, Writer, WriterStats},
+};
+
+/// Runs the monitor until SIGTERM or SIGINT.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let iface = interface::resolve(config.interface.as_deref())?;
+    // Everything that can fail on bad input is checked before the program is
+    // attached, so a failed start leaves the interface untouched.
+    let (store, writer_conn) = SampleStore::open(&config.db_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port));
+    let listener = runtime
+        .block_on(TcpListener::bind(addr))
+        .with_context(|| format!("cannot listen on port {} (--port)", config.port))?;
+
+    let (capture, maps) = Capture::start(&iface, config.attach_mode)?;
+    let reader_stats = Arc::new(ReaderStats::default());
+    let writer_stats = Arc::new(WriterStats::default());
+    let (to_writer, from_reader) = mpsc::channel();
+    let writer = Writer::spawn(
+        writer_conn,
+        from_reader,
+        reader_stats.clone(),
+        writer_stats.clone(),
+    );
+    let reader = Reader::spawn(maps.samples, to_writer, reader_stats.clone());
+    let live = Arc::new(LiveState::default());
+    let poller = Poller::spawn(
+        FlowMaps {
+            flows: maps.flows,
+            totals: maps.totals,
+            nonip: maps.nonip,
+        },
+        live.clone(),
+    );
+    let state = Arc::new(ApiState {
+        live,
+        store: Arc::new(store),
+        reader: reader_stats,
+        writer: writer_stats.clone(),
+        started,
+    });
+    log::info!(
+        "API on http://{addr}/api/ (health, live, stats, history); history in {}",
+        config.db_path.display()
+    );
+
+    let signal_name = runtime.block_on(async {
+        let (stop_api, api_stopped) = watch::channel(false);
+        let server = tokio::spawn(api::serve(listener, state, api_stopped));
+        let name = wait_for_signal().await;
+        let _ = stop_api.send(true);
+        let _ = server.await;
+        name
+    })?;
+    log::info!("{signal_name}: detaching and writing every pending sample");
+    capture.stop();
+    reader.finish();
+    writer.finish();
+    poller.finish();
+    log::info!(
+        "stopped; {} samples stored in {}",
+        writer_stats.stored.samples(),
+        config.db_path.display()
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

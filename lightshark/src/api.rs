@@ -1,0 +1,317 @@
+//! The JSON HTTP API: a short route table over hyper, reading the live
+//! snapshot and the sample store. Every answer, errors included, is JSON.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http_body_util::Full;
+use hyper::{
+    body::{Bytes, Incoming},
+    header, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use lightshark_common::{NONIP_LLC, NONIP_RUNT};
+use serde_json::{json, Value};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    flows::LiveState,
+    ledger::Tally,
+    samples::ReaderStats,
+    store::{SampleStore, WriterStats},
+    wire,
+};
+
+/// Flows listed by `/api/live`.
+const LIVE_TOP: usize = 50;
+/// `/api/history` without `limit`, and the largest `limit` allowed.
+const HISTORY_DEFAULT: u32 = 100;
+const HISTORY_MAX: u32 = 10_000;
+
+/// What the handlers read.
+pub struct ApiState {
+    pub live: Arc<LiveState>,
+    pub store: Arc<SampleStore>,
+    pub reader: Arc<ReaderStats>,
+    pub writer: Arc<WriterStats>,
+    pub started: Instant,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+/// Serves connections from `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    log::warn!("accepting an API connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// The route table: path, the one method it takes, and its handler.
+async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path();
+    let query = req.uri().query().unwrap_or("");
+    let known = matches!(
+        path,
+        "/api/health" | "/api/live" | "/api/history" | "/api/stats"
+    );
+    if !known {
+        return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
+    }
+    if req.method() != Method::GET {
+        let mut reply = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{path} only answers GET, not {}", req.method()),
+        );
+        reply
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        return reply;
+    }
+    let result = match path {
+        "/api/health" => no_query(query).map(|()| health(state)),
+        "/api/live" => no_query(query).map(|()| live(state)),
+        "/api/stats" => no_query(query).map(|()| stats(state)),
+        _ => history(state, query).await,
+    };
+    match result {
+        Ok(body) => json_reply(StatusCode::OK, &body),
+        Err((status, message)) => error(status, message),
+    }
+}
+
+type Handled = Result<Value, (StatusCode, String)>;
+
+fn bad_request(message: String) -> (StatusCode, String) {
+    (StatusCode::BAD_REQUEST, message)
+}
+
+fn no_query(query: &str) -> Result<(), (StatusCode, String)> {
+    match query_pairs(query).next() {
+        None => Ok(()),
+        Some((name, _)) => Err(bad_request(format!(
+            "unknown query parameter {name:?}; this endpoint takes none"
+        ))),
+    }
+}
+
+/// `name=value` pairs of a query string; empty pieces (`a=1&&b=2`) skipped.
+fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+}
+
+fn health(state: &ApiState) -> Value {
+    let snap = state.live.get();
+    json!({
+        "status": "ok",
+        "active_connections": snap.flows.len(),
+        "total_packets": snap.totals.packets,
+        "samples_dropped": dropped(state, &snap.totals),
+    })
+}
+
+fn dropped(state: &ApiState, totals: &lightshark_common::Totals) -> u64 {
+    totals.ringbuf_drops
+        + state.reader.backlog_dropped.samples()
+        + state.writer.storage_dropped.samples()
+}
+
+fn live(state: &ApiState) -> Value {
+    let snap = state.live.get();
+    let connections: Vec<Value> = snap
+        .flows
+        .iter()
+        .take(LIVE_TOP)
+        .map(|f| {
+            let (src, dst) = wire::addresses(&f.key);
+            json!({
+                "connection": wire::connection(&f.key),
+                "protocol": wire::protocol_name(f.key.protocol),
+                "src_ip": src.to_string(),
+                "dst_ip": dst.to_string(),
+                "src_port": f.key.src_port,
+                "dst_port": f.key.dst_port,
+                "first_seen": f.first_seen_ms,
+                "last_seen": f.last_seen_ms,
+                "stats": { "bytes_sent": f.bytes, "packets_count": f.packets },
+            })
+        })
+        .collect();
+    json!({
+        "connections": connections,
+        "total_packets": snap.totals.packets,
+        "total_bytes": snap.totals.bytes,
+    })
+}
+
+fn stats(state: &ApiState) -> Value {
+    let snap = state.live.get();
+    let t = &snap.totals;
+    let non_ip: serde_json::Map<String, Value> = snap
+        .nonip
+        .iter()
+        .map(|(k, c)| {
+            let name = match *k {
+                NONIP_LLC => "llc".to_owned(),
+                NONIP_RUNT => "runt".to_owned(),
+                t => format!("0x{t:04x}"),
+            };
+            (name, json!({ "packets": c.packets, "bytes": c.bytes }))
+        })
+        .collect();
+    json!({
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "total_packets": t.packets,
+        "total_bytes": t.bytes,
+        "active_connections": snap.flows.len(),
+        "packets_per_second": snap.packets_per_second,
+        "bytes_per_second": snap.bytes_per_second,
+        "ring_buffer_drops": t.ringbuf_drops,
+        "ingress": { "packets": t.ingress_packets, "bytes": t.ingress_bytes },
+        "egress": { "packets": t.egress_packets, "bytes": t.egress_bytes },
+        "non_ip": non_ip,
+        "flow_map_full_packets": t.flow_map_full,
+        "samples": ledger(state, Tally::samples, t.samples, t.ringbuf_drops),
+        // The same ledger in wire segments: a GSO packet is one sample of
+        // several segments, and packet counters count segments.
+        "sample_segments": ledger(
+            state,
+            Tally::segments,
+            t.sample_segments,
+            t.ringbuf_drop_segments
+        ),
+    })
+}
+
+/// Where the samples the kernel emitted are now, counted by `unit`.
+fn ledger(state: &ApiState, unit: fn(&Tally) -> u64, emitted: u64, ring_full: u64) -> Value {
+    let (r, w) = (&state.reader, &state.writer);
+    json!({
+        "emitted": emitted,
+        "stored": unit(&w.stored),
+        "pending": unit(&r.queued) + unit(&w.in_flight),
+        "dropped": {
+            "ring_buffer_full": ring_full,
+            "writer_backlog": unit(&r.backlog_dropped),
+            "storage_error": unit(&w.storage_dropped),
+        },
+    })
+}
+
+async fn history(state: &ApiState, query: &str) -> Handled {
+    let mut limit = HISTORY_DEFAULT;
+    for (name, value) in query_pairs(query) {
+        match name {
+            "limit" => limit = parse_limit(value)?,
+            other => {
+                return Err(bad_request(format!(
+                    "unknown query parameter {other:?}; /api/history takes: limit"
+                )))
+            }
+        }
+    }
+    let store = state.store.clone();
+    let rows = tokio::task::spawn_blocking(move || store.history(limit))
+        .await
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("history query failed: {e}"),
+            )
+        })?
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("history query failed: {e:#}"),
+            )
+        })?;
+    Ok(serde_json::to_value(rows).unwrap_or(Value::Null))
+}
+
+fn parse_limit(value: &str) -> Result<u32, (StatusCode, String)> {
+    let invalid = || {
+        bad_request(format!(
+            "limit must be a whole number from 1 to {HISTORY_MAX}, not {value:?}"
+        ))
+    };
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    match value.parse::<u32>() {
+        Ok(n) if (1..=HISTORY_MAX).contains(&n) => Ok(n),
+        _ => Err(invalid()),
+    }
+}
+
+fn json_reply(status: StatusCode, body: &Value) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::from(body.to_string())));
+    *reply.status_mut() = status;
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    reply
+}
+
+fn error(status: StatusCode, message: String) -> Reply {
+    json_reply(status, &json!({ "error": message }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_takes_only_whole_numbers_in_range() {
+        assert_eq!(parse_limit("1").unwrap(), 1);
+        assert_eq!(parse_limit("10000").unwrap(), 10_000);
+        for bad in [
+            "",
+            "0",
+            "10001",
+            "-1",
+            "+5",
+            "5.0",
+            "1e3",
+            "abc",
+            "99999999999999999999",
+        ] {
+            let (status, message) = parse_limit(bad).unwrap_err();
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(message.contains("1 to 10000"), "{message}");
+        }
+    }
+}

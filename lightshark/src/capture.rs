@@ -1,0 +1,301 @@
+//! Loading the kernel program and hooking it onto an interface, both ways.
+//!
+//! [`Capture`] owns the loaded object and its hooks; the maps are handed out
+//! once as [`KernelMaps`] to the modules that read them. Stopping (or
+//! dropping) the capture detaches both hooks and removes the clsact qdisc if
+//! this process added it, so nothing of ours stays on the interface.
+
+use std::{fs, io, mem};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::MapType,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{
+        tc::{self, NlOptions, TcAttachOptions},
+        LinkOrder, ProgramType, SchedClassifier, TcAttachType,
+    },
+    sys::{is_map_supported, is_program_supported},
+    util::KernelVersion,
+    Ebpf,
+};
+use lightshark_common::{
+    Counter, FlowKey, FlowStats, Totals, MAP_FLOWS, MAP_NONIP, MAP_SAMPLES, MAP_TOTALS,
+    PROG_ETH_EGRESS, PROG_ETH_INGRESS, PROG_RAW_EGRESS, PROG_RAW_INGRESS,
+};
+
+use crate::{
+    config::AttachMode,
+    interface::{Interface, LinkKind},
+};
+
+/// The kernel object built by build.rs; empty when built with AYA_BUILD_SKIP.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lightshark"));
+
+/// The maps of the loaded program, each taken by the module that reads it.
+pub struct KernelMaps {
+    pub flows: HashMap<MapData, FlowKey, FlowStats>,
+    pub totals: PerCpuArray<MapData, Totals>,
+    pub nonip: PerCpuHashMap<MapData, u16, Counter>,
+    pub samples: RingBuf<MapData>,
+}
+
+/// The program, loaded and attached on ingress and egress of one interface.
+pub struct Capture {
+    ebpf: Option<Ebpf>,
+    interface: Interface,
+    /// Set when we created the clsact qdisc and so must remove it.
+    added_qdisc: bool,
+}
+
+impl Capture {
+    /// Checks the kernel, loads the program and attaches it in `mode`.
+    pub fn start(interface: &Interface, mode: AttachMode) -> anyhow::Result<(Capture, KernelMaps)> {
+        if OBJECT.is_empty() {
+            bail!(
+                "this binary holds no kernel program (it was built with AYA_BUILD_SKIP=1); \
+                 rebuild without it"
+            );
+        }
+        check_privileges()?;
+        let tcx = match mode {
+            AttachMode::Tcx => true,
+            AttachMode::Tc => false,
+            AttachMode::Auto => tcx_supported(),
+        };
+        check_kernel(tcx)?;
+
+        let mut ebpf = Ebpf::load(OBJECT).context("loading the kernel program's maps")?;
+        let (ingress, egress) = match interface.kind {
+            LinkKind::Ethernet => (PROG_ETH_INGRESS, PROG_ETH_EGRESS),
+            LinkKind::RawIp => (PROG_RAW_INGRESS, PROG_RAW_EGRESS),
+        };
+        let mut capture = Capture {
+            ebpf: None,
+            interface: interface.clone(),
+            added_qdisc: false,
+        };
+        if !tcx {
+            capture.added_qdisc = match tc::qdisc_add_clsact(&interface.name) {
+                Ok(()) => true,
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    false
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("adding the clsact qdisc to {}", interface.name))
+                }
+            };
+        }
+        for (name, hook) in [
+            (ingress, TcAttachType::Ingress),
+            (egress, TcAttachType::Egress),
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the kernel object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the kernel rejected program {name}"))?;
+            let options = if tcx {
+                TcAttachOptions::TcxOrder(LinkOrder::default())
+            } else {
+                TcAttachOptions::Netlink(NlOptions::default())
+            };
+            program
+                .attach_with_options(&interface.name, hook, options)
+                .with_context(|| {
+                    format!(
+                        "attaching to {} {hook:?} with {}",
+                        interface.name,
+                        if tcx { "a TCX link" } else { "a clsact filter" }
+                    )
+                })?;
+        }
+        log::info!(
+            "watching {} (ingress and egress) with {}",
+            interface.name,
+            if tcx { "TCX links" } else { "clsact filters" }
+        );
+        let maps = KernelMaps {
+            flows: HashMap::try_from(take(&mut ebpf, MAP_FLOWS)?)?,
+            totals: PerCpuArray::try_from(take(&mut ebpf, MAP_TOTALS)?)?,
+            nonip: PerCpuHashMap::try_from(take(&mut ebpf, MAP_NONIP)?)?,
+            samples: RingBuf::try_from(take(&mut ebpf, MAP_SAMPLES)?)?,
+        };
+        capture.ebpf = Some(ebpf);
+        Ok((capture, maps))
+    }
+
+    /// Detaches both hooks and removes the qdisc we added. After this the
+    /// kernel emits no more samples, so the ring buffer can be drained dry.
+    pub fn stop(mut self) {
+        self.detach();
+    }
+
+    fn detach(&mut self) {
+        // Dropping the object detaches its links and filters.
+        if self.ebpf.take().is_none() {
+            return;
+        }
+        if self.added_qdisc {
+            if let Err(e) = delete_clsact(self.interface.index) {
+                log::warn!(
+                    "could not remove the clsact qdisc from {}: {e}",
+                    self.interface.name
+                );
+            }
+            self.added_qdisc = false;
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the kernel object"))
+}
+
+fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Capability bits, from linux/capability.h.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// Names the capabilities that are missing, instead of an opaque EPERM later.
+fn check_privileges() -> anyhow::Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+    else {
+        return Ok(());
+    };
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF (to load the program and create its maps)");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN (to attach it to the interface)");
+    }
+    if !missing.is_empty() {
+        bail!("missing capabilities: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+/// Names every kernel feature the agent needs that this kernel lacks.
+fn check_kernel(tcx: bool) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    if !is_program_supported(ProgramType::SchedClassifier).unwrap_or(false) {
+        missing.push("BPF programs of type sched_cls (CONFIG_NET_CLS_BPF)".to_owned());
+    }
+    for (map, what) in [
+        (MapType::Hash, "BPF hash maps"),
+        (MapType::PerCpuArray, "BPF per-CPU arrays"),
+        (MapType::PerCpuHash, "BPF per-CPU hash maps"),
+        (MapType::RingBuf, "BPF ring buffers (Linux 5.8 or later)"),
+    ] {
+        if !is_map_supported(map).unwrap_or(false) {
+            missing.push(what.to_owned());
+        }
+    }
+    if tcx && !tcx_supported() {
+        missing.push(format!(
+            "TCX links (Linux 6.6 or later; this is {}); use --attach-mode tc",
+            KernelVersion::current().map_or("unknown".to_owned(), |v| v.to_string())
+        ));
+    }
+    if !missing.is_empty() {
+        bail!(
+            "this kernel lacks what the monitor needs: {}",
+            missing.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Removes the clsact qdisc (and with it any filter left on it) over
+/// rtnetlink; aya can add one but not remove it.
+fn delete_clsact(ifindex: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct Request {
+        header: libc::nlmsghdr,
+        // struct tcmsg
+        family: u8,
+        pad: [u8; 3],
+        ifindex: i32,
+        handle: u32,
+        parent: u32,
+        info: u32,
+        // one rtattr: TCA_KIND = "clsact\0", padded to 4 bytes
+        attr_len: u16,
+        attr_type: u16,
+        kind: [u8; 8],
+    }
+    const TCA_KIND: u16 = 1;
+    const TC_H_CLSACT: u32 = 0xffff_fff1;
+    let req = Request {
+        header: libc::nlmsghdr {
+            nlmsg_len: mem::size_of::<Request>() as u32,
+            nlmsg_type: libc::RTM_DELQDISC,
+            nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16,
+            nlmsg_seq: 1,
+            nlmsg_pid: 0,
+        },
+        family: libc::AF_UNSPEC as u8,
+        pad: [0; 3],
+        ifindex: ifindex as i32,
+        handle: 0xffff_0000,
+        parent: TC_H_CLSACT,
+        info: 0,
+        attr_len: 4 + 7,
+        attr_type: TCA_KIND,
+        kind: *b"clsact\0\0",
+    };
+    // SAFETY: a fresh netlink socket is used for one request and its ack and
+    // closed on every path; the buffers outlive the calls that use them.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let result = (|| {
+            let sent = libc::send(fd, (&raw const req).cast(), mem::size_of::<Request>(), 0);
+            if sent < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut buf = [0u8; 1024];
+            let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let hdr_len = mem::size_of::<libc::nlmsghdr>();
+            if (n as usize) >= hdr_len + 4 {
+                let msg_type = u16::from_ne_bytes([buf[4], buf[5]]);
+                let code = i32::from_ne_bytes(buf[hdr_len..hdr_len + 4].try_into().unwrap());
+                if msg_type == libc::NLMSG_ERROR as u16 && code != 0 {
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+            }
+            Ok(())
+        })();
+        libc::close(fd);
+        result
+    }
+}

@@ -1,0 +1,199 @@
+//! The live flow table: the kernel's counters read once per poll into an
+//! immutable [`Snapshot`] that the API serves, so a request never walks a
+//! kernel map.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use lightshark_common::{Counter, FlowKey, FlowStats, Totals};
+
+use crate::clock::WallClock;
+
+/// How often the kernel's counters are read; the API's numbers lag the
+/// kernel by at most this much.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Window of the packets and bytes per second rates.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// One directional flow as last read from the kernel.
+#[derive(Clone, Debug)]
+pub struct Flow {
+    pub key: FlowKey,
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+/// Everything the kernel had counted at one poll.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub totals: Totals,
+    /// Non-IP frames by ethertype key (see lightshark_common::NONIP_*).
+    pub nonip: Vec<(u16, Counter)>,
+    /// All flows in the kernel map, most packets first.
+    pub flows: Vec<Flow>,
+    pub packets_per_second: f64,
+    pub bytes_per_second: f64,
+}
+
+/// The latest snapshot, swapped whole at each poll.
+#[derive(Default)]
+pub struct LiveState {
+    current: RwLock<Arc<Snapshot>>,
+}
+
+impl LiveState {
+    /// The snapshot of the latest poll.
+    pub fn get(&self) -> Arc<Snapshot> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, snapshot: Snapshot) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+    }
+}
+
+/// The kernel maps this module reads.
+pub struct FlowMaps {
+    pub flows: HashMap<MapData, FlowKey, FlowStats>,
+    pub totals: PerCpuArray<MapData, Totals>,
+    pub nonip: PerCpuHashMap<MapData, u16, Counter>,
+}
+
+/// The running poller thread.
+pub struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Poller {
+    /// Reads the maps now and then every [`POLL_INTERVAL`] into `live`.
+    pub fn spawn(maps: FlowMaps, live: Arc<LiveState>) -> Poller {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let mut rates = Rates::new();
+        live.set(read(&maps, &mut rates));
+        let thread = thread::Builder::new()
+            .name("flow-poller".into())
+            .spawn(move || {
+                while !stop_flag.load(Ordering::Relaxed) {
+                    thread::park_timeout(POLL_INTERVAL);
+                    live.set(read(&maps, &mut rates));
+                }
+            })
+            .expect("spawning the flow poller thread");
+        Poller { stop, thread }
+    }
+
+    /// Takes a last reading and ends.
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
+}
+
+fn read(maps: &FlowMaps, rates: &mut Rates) -> Snapshot {
+    let clock = WallClock::now();
+    let totals = sum_totals(maps);
+    let mut nonip: Vec<(u16, Counter)> = maps
+        .nonip
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, per_cpu)| {
+            let c = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            });
+            (k, c)
+        })
+        .collect();
+    nonip.sort_by_key(|(k, _)| *k);
+    let mut flows: Vec<Flow> = maps
+        .flows
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, s)| Flow {
+            key,
+            packets: s.packets,
+            bytes: s.bytes,
+            first_seen_ms: clock.unix_ms(s.first_seen_ns),
+            last_seen_ms: clock.unix_ms(s.last_seen_ns),
+        })
+        .collect();
+    flows.sort_by(|a, b| b.packets.cmp(&a.packets).then(b.bytes.cmp(&a.bytes)));
+    let (packets_per_second, bytes_per_second) = rates.update(totals.packets, totals.bytes);
+    Snapshot {
+        totals,
+        nonip,
+        flows,
+        packets_per_second,
+        bytes_per_second,
+    }
+}
+
+fn sum_totals(maps: &FlowMaps) -> Totals {
+    let Ok(per_cpu) = maps.totals.get(&0, 0) else {
+        return Totals::default();
+    };
+    per_cpu.iter().fold(Totals::default(), |a, t| Totals {
+        packets: a.packets + t.packets,
+        bytes: a.bytes + t.bytes,
+        ingress_packets: a.ingress_packets + t.ingress_packets,
+        ingress_bytes: a.ingress_bytes + t.ingress_bytes,
+        egress_packets: a.egress_packets + t.egress_packets,
+        egress_bytes: a.egress_bytes + t.egress_bytes,
+        nonip_packets: a.nonip_packets + t.nonip_packets,
+        nonip_bytes: a.nonip_bytes + t.nonip_bytes,
+        samples: a.samples + t.samples,
+        sample_segments: a.sample_segments + t.sample_segments,
+        ringbuf_drops: a.ringbuf_drops + t.ringbuf_drops,
+        ringbuf_drop_segments: a.ringbuf_drop_segments + t.ringbuf_drop_segments,
+        flow_map_full: a.flow_map_full + t.flow_map_full,
+    })
+}
+
+/// Packets and bytes per second over the last [`RATE_WINDOW`], or over the
+/// uptime until that much has passed.
+struct Rates {
+    /// (when, packets, bytes), oldest first; starts with the zero at start.
+    points: VecDeque<(Instant, u64, u64)>,
+}
+
+impl Rates {
+    fn new() -> Rates {
+        Rates {
+            points: VecDeque::from([(Instant::now(), 0, 0)]),
+        }
+    }
+
+    fn update(&mut self, packets: u64, bytes: u64) -> (f64, f64) {
+        let now = Instant::now();
+        // Keep the newest point that is at least a window old as the base.
+        while self.points.len() > 1 && now.duration_since(self.points[1].0) >= RATE_WINDOW {
+            self.points.pop_front();
+        }
+        let (since, p0, b0) = self.points[0];
+        self.points.push_back((now, packets, bytes));
+        let secs = now.duration_since(since).as_secs_f64();
+        if secs <= 0.0 {
+            return (0.0, 0.0);
+        }
+        (
+            packets.saturating_sub(p0) as f64 / secs,
+            bytes.saturating_sub(b0) as f64 / secs,
+        )
+    }
+}

@@ -1,0 +1,33 @@
+//! lightshark-mini: see README.md. This file only wires flags, logging and
+//! the exit status around `agent::run`.
+
+mod agent;
+mod api;
+mod capture;
+mod clock;
+mod config;
+mod flows;
+mod interface;
+mod ledger;
+mod samples;
+mod store;
+mod wire;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let config = config::Config::from_args();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(if config.quiet { "warn" } else { "info" }),
+    )
+    .format_target(false)
+    .init();
+    match agent::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the chain of causes without a backtrace.
+            eprintln!("lightshark-mini: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

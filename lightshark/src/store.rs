@@ -1,0 +1,271 @@
+//! The sample history in SQLite: the schema, the one writer thread, and the
+//! read queries behind `/api/history`.
+//!
+//! One writer commits batches in transactions (WAL, so readers never block
+//! it); readers use their own connections from a small pool.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{
+        mpsc::{Receiver, TryRecvError},
+        Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use rusqlite::{params, Connection, OpenFlags};
+
+use crate::{
+    ledger::Tally,
+    samples::{segments_of, Batch, ReaderStats},
+    wire,
+};
+
+/// Schema version written to `PRAGMA user_version`; later versions migrate
+/// from it.
+const SCHEMA_VERSION: i64 = 1;
+/// Rows per transaction at most; a commit happens sooner when the queue runs
+/// dry, so at low rates samples are on disk within a drain period.
+const MAX_ROWS_PER_COMMIT: usize = 65_536;
+/// Readers wait this long for the writer's lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the writer has done, for the loss ledger in `/api/stats`.
+#[derive(Default)]
+pub struct WriterStats {
+    /// Committed rows.
+    pub stored: Tally,
+    /// Rows lost to a storage error (disk full, I/O error).
+    pub storage_dropped: Tally,
+    /// Taken from the queue and not yet committed or dropped.
+    pub in_flight: Tally,
+}
+
+/// One stored sample as the API returns it.
+#[derive(Debug, serde::Serialize)]
+pub struct HistoryRow {
+    pub timestamp: i64,
+    pub src_ip: String,
+    pub dst_ip: String,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: String,
+    pub length: u32,
+    pub segments: u32,
+    pub direction: &'static str,
+}
+
+/// The database file: opened once at start, then shared by the writer thread
+/// and the API's readers.
+pub struct SampleStore {
+    path: PathBuf,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl SampleStore {
+    /// Opens or creates the database and brings its schema up to date.
+    /// Fails with the path in the message when it cannot be written.
+    pub fn open(path: &Path) -> anyhow::Result<(SampleStore, Connection)> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the database {}", path.display()))?;
+        init_schema(&conn).with_context(|| {
+            format!(
+                "cannot write the database {} (is its directory writable?)",
+                path.display()
+            )
+        })?;
+        let store = SampleStore {
+            path: path.to_owned(),
+            readers: Mutex::new(Vec::new()),
+        };
+        Ok((store, conn))
+    }
+
+    /// The newest `limit` samples, newest first; samples of the same
+    /// millisecond newest first by arrival.
+    pub fn history(&self, limit: u32) -> anyhow::Result<Vec<HistoryRow>> {
+        let conn = self.reader()?;
+        let rows = query_history(&conn, limit);
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        rows
+    }
+
+    fn reader(&self) -> anyhow::Result<Connection> {
+        if let Some(conn) = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("opening {} for reading", self.path.display()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(conn)
+    }
+}
+
+fn init_schema(conn: &Connection) -> anyhow::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        bail!(
+            "the database has schema version {version}, newer than this agent's \
+             {SCHEMA_VERSION}; use a newer lightshark-mini or another --db-path"
+        );
+    }
+    // auto_vacuum only takes effect before the first table exists, so it is
+    // set on every open and matters on the first; it lets retention give
+    // pages back instead of growing the file.
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        log::warn!("the database is in {mode} journal mode, not WAL; readers may wait on writes");
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL;
+         BEGIN;
+         CREATE TABLE IF NOT EXISTS samples (
+             id        INTEGER PRIMARY KEY,
+             ts_ms     INTEGER NOT NULL,
+             src_ip    BLOB    NOT NULL,
+             dst_ip    BLOB    NOT NULL,
+             src_port  INTEGER NOT NULL,
+             dst_port  INTEGER NOT NULL,
+             protocol  INTEGER NOT NULL,
+             length    INTEGER NOT NULL,
+             segments  INTEGER NOT NULL,
+             direction INTEGER NOT NULL,
+             ifindex   INTEGER NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS samples_ts ON samples (ts_ms);
+         COMMIT;",
+    )?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(())
+}
+
+fn query_history(conn: &Connection, limit: u32) -> anyhow::Result<Vec<HistoryRow>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT ts_ms, src_ip, dst_ip, src_port, dst_port, protocol, length, segments, direction
+         FROM samples ORDER BY ts_ms DESC, id DESC LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([limit], |r| {
+        let src: Vec<u8> = r.get(1)?;
+        let dst: Vec<u8> = r.get(2)?;
+        Ok(HistoryRow {
+            timestamp: r.get(0)?,
+            src_ip: wire::ip_from_bytes(&src).map_or_else(String::new, |a: IpAddr| a.to_string()),
+            dst_ip: wire::ip_from_bytes(&dst).map_or_else(String::new, |a: IpAddr| a.to_string()),
+            src_port: r.get(3)?,
+            dst_port: r.get(4)?,
+            protocol: wire::protocol_name(r.get(5)?),
+            length: r.get(6)?,
+            segments: r.get(7)?,
+            direction: wire::direction_name(r.get(8)?),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The running writer thread.
+pub struct Writer {
+    thread: JoinHandle<()>,
+}
+
+impl Writer {
+    /// Starts writing every batch from `input` to `conn` until the sending
+    /// side is closed and the queue is empty.
+    pub fn spawn(
+        conn: Connection,
+        input: Receiver<Batch>,
+        queue: Arc<ReaderStats>,
+        stats: Arc<WriterStats>,
+    ) -> Writer {
+        let thread = thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || write_loop(&conn, &input, &queue, &stats))
+            .expect("spawning the SQLite writer thread");
+        Writer { thread }
+    }
+
+    /// Waits until every queued sample is committed (or counted as dropped).
+    pub fn finish(self) {
+        let _ = self.thread.join();
+    }
+}
+
+fn write_loop(
+    conn: &Connection,
+    input: &Receiver<Batch>,
+    queue: &ReaderStats,
+    stats: &WriterStats,
+) {
+    let mut last_error_log: Option<Instant> = None;
+    while let Ok(first) = input.recv() {
+        let mut batches = vec![first];
+        let mut rows = batches[0].samples.len();
+        while rows < MAX_ROWS_PER_COMMIT {
+            match input.try_recv() {
+                Ok(b) => {
+                    rows += b.samples.len();
+                    batches.push(b);
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let segments = segments_of(batches.iter().flat_map(|b| &b.samples));
+        let rows = rows as u64;
+        queue.queued.sub(rows, segments);
+        stats.in_flight.add(rows, segments);
+        let result = insert(conn, &batches);
+        stats.in_flight.sub(rows, segments);
+        match result {
+            Ok(()) => stats.stored.add(rows, segments),
+            Err(e) => {
+                stats.storage_dropped.add(rows, segments);
+                // One line a minute is enough to say storage is failing.
+                if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    log::error!("could not store {rows} samples (counted as dropped): {e:#}");
+                    last_error_log = Some(Instant::now());
+                }
+            }
+        }
+    }
+}
+
+fn insert(conn: &Connection, batches: &[Batch]) -> anyhow::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO samples (ts_ms, src_ip, dst_ip, src_port, dst_port, protocol, length,
+                                  segments, direction, ifindex)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for batch in batches {
+            for s in &batch.samples {
+                let k = &s.key;
+                let width = wire::address_width(k.family);
+                stmt.execute(params![
+                    batch.clock.unix_ms(s.timestamp_ns),
+                    &k.src_addr[..width],
+                    &k.dst_addr[..width],
+                    k.src_port,
+                    k.dst_port,
+                    k.protocol,
+                    s.wire_len,
+                    s.segments,
+                    s.direction,
+                    k.ifindex,
+                ])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Project tasks: `cargo xtask setup | run | test`.
+//!
+//! `run` and `test` are the README's two commands for a fresh machine: each
+//! first installs whatever piece of the toolchain is missing (the recipe of
+//! ../shared/notes/ebpf-toolchain.md), so they work from a clean clone.
+
+use std::{
+    env,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "LightShark-mini project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the missing toolchain pieces (and, with --test-tools, the
+    /// traffic and capture tools the tests use)
+    Setup {
+        #[arg(long)]
+        test_tools: bool,
+    },
+    /// Build everything (release) and run the monitor; arguments after `--`
+    /// go to lightshark-mini (default: auto-detected interface, ./traffic.db)
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build everything and run every test (needs root: the tests create
+    /// network namespaces and load BPF programs)
+    Test {
+        /// Passed to `cargo test` after `--` (a test name filter, say)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages of the eBPF build: bpf-linker links against LLVM 22.
+const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev"];
+/// Debian packages the tests drive: traffic, captures, dissection, links.
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+    "tcpdump",
+    "tshark",
+    "tcpreplay",
+    "iperf3",
+    "bpftool",
+    "libcap2-bin",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    match cli.task {
+        Task::Setup { test_tools } => setup(test_tools),
+        Task::Run { args } => {
+            setup(false)?;
+            cargo(&["build", "--release", "-p", "lightshark"])?;
+            let bin = root.join("target/release/lightshark-mini");
+            // exec, so that Ctrl-C and SIGTERM reach the monitor itself.
+            let err = Command::new(&bin).args(&args).exec();
+            Err(err).with_context(|| format!("starting {}", bin.display()))
+        }
+        Task::Test { args } => {
+            require_root("the tests")?;
+            setup(true)?;
+            cargo(&["build", "--release", "-p", "lightshark"])?;
+            let mut test = vec![
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "lightshark-ebpf",
+            ];
+            if !args.is_empty() {
+                test.push("--");
+                test.extend(args.iter().map(String::as_str));
+            }
+            cargo(&test)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} need root (network namespaces, BPF); run as root");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn setup(test_tools: bool) -> anyhow::Result<()> {
+    let mut packages: Vec<&str> = TOOLCHAIN_PACKAGES.to_vec();
+    if test_tools {
+        packages.extend_from_slice(TEST_PACKAGES);
+    }
+    apt_install(&packages)?;
+    nightly_rust_src()?;
+    bpf_linker()
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root("installing Debian packages")?;
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run_quiet(Command::new("apt-get").arg("update"))?;
+    run_quiet(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            // tshark otherwise stops at a question about capture rights.
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let out = Command::new("rustup")
+        .args(["+nightly", "component", "list", "--installed"])
+        .output()
+        .context("running rustup")?;
+    if !out.status.success() {
+        bail!(
+            "no nightly Rust toolchain (the eBPF program is built with it): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    run_quiet(Command::new("rustup").args(["+nightly", "component", "add", "rust-src"]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if version.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
+    // A plain install finds Debian's default LLVM 14 and fails to link.
+    run_quiet(
+        Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+}
+
+/// Runs a setup step, showing its output only when it fails.
+fn run_quiet(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
