@@ -62,6 +62,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    put_cargo_bin_on_path();
     let root = workspace_root();
     env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
     match cli.task {
@@ -91,6 +92,24 @@ fn main() -> anyhow::Result<()> {
             }
             cargo(&test)
         }
+    }
+}
+
+/// `cargo install` puts bpf-linker in $CARGO_HOME/bin, which a fresh shell
+/// may not have on PATH; the eBPF build looks for it there.
+fn put_cargo_bin_on_path() {
+    let home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let Some(bin) = home.map(|h| h.join("bin")) else {
+        return;
+    };
+    let path = env::var_os("PATH").unwrap_or_default();
+    if !env::split_paths(&path).any(|p| p == bin) {
+        let joined = env::join_paths(std::iter::once(bin).chain(env::split_paths(&path)))
+            .expect("PATH entries joined");
+        // SAFETY: set before any thread is started.
+        unsafe { env::set_var("PATH", joined) };
     }
 }
 
