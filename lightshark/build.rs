@@ -12,6 +12,9 @@ use anyhow::{bail, Context as _};
 const EBPF_PACKAGE: &str = "lightshark-ebpf";
 /// Name of the bin target of the eBPF crate, which is the object file name.
 const EBPF_BIN: &str = "lightshark";
+/// Names the rustup toolchain that builds the eBPF crate (default `nightly`),
+/// so an image can pin a dated nightly whose LLVM matches bpf-linker's.
+const TOOLCHAIN_VAR: &str = "LIGHTSHARK_EBPF_TOOLCHAIN";
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
@@ -22,7 +25,9 @@ fn main() -> anyhow::Result<()> {
         fs::write(out_dir.join(EBPF_BIN), []).context("writing the placeholder object")?;
         return Ok(());
     }
-    preflight()?;
+    println!("cargo:rerun-if-env-changed={TOOLCHAIN_VAR}");
+    let toolchain = env::var(TOOLCHAIN_VAR).unwrap_or_else(|_| "nightly".into());
+    preflight(&toolchain)?;
     let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?)
         .join("..")
         .join(EBPF_PACKAGE);
@@ -33,23 +38,27 @@ fn main() -> anyhow::Result<()> {
             root_dir: root,
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        aya_build::Toolchain::Custom(&toolchain),
     )
 }
 
-fn preflight() -> anyhow::Result<()> {
+fn preflight(toolchain: &str) -> anyhow::Result<()> {
     let mut missing = Vec::new();
     let nightly = Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .args(["run", toolchain, "rustc", "--print", "sysroot"])
         .output();
     match nightly {
         Ok(out) if out.status.success() => {
             let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
             if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
-                missing.push("rust-src for nightly: rustup +nightly component add rust-src");
+                missing.push(format!(
+                    "rust-src for {toolchain}: rustup +{toolchain} component add rust-src"
+                ));
             }
         }
-        _ => missing.push("a nightly toolchain: rustup toolchain install nightly"),
+        _ => missing.push(format!(
+            "the {toolchain} toolchain: rustup toolchain install {toolchain}"
+        )),
     }
     let linker_found = env::var_os("PATH")
         .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").is_file()))
@@ -57,7 +66,8 @@ fn preflight() -> anyhow::Result<()> {
     if !linker_found {
         missing.push(
             "bpf-linker on PATH: apt-get install -y llvm-22-dev && LLVM_PREFIX=/usr/lib/llvm-22 \
-             cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-22",
+             cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-22"
+                .to_owned(),
         );
     }
     if !missing.is_empty() {

@@ -58,7 +58,10 @@ pub struct FlowKey {
     pub ifindex: u32,
     pub protocol: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    // Padding as integers, not byte arrays: zeroing an array makes the
+    // compiler emit a memset whose pointer arithmetic the verifier only
+    // allows with CAP_PERFMON.
+    pub _pad: u16,
 }
 
 /// What the kernel has counted for one flow since the entry was created.
@@ -86,7 +89,8 @@ pub struct Sample {
     pub wire_len: u32,
     pub segments: u16,
     pub direction: u8,
-    pub _pad: [u8; 5],
+    pub _pad1: u8,
+    pub _pad4: u32,
 }
 
 /// Totals kept per CPU in a one-entry array, apart from the flow map, so that
@@ -117,7 +121,33 @@ pub struct Totals {
     /// Segments of IP packets whose flow had no map entry and could not get
     /// one (map full); they are still in every other total.
     pub flow_map_full: u64,
+    /// Frames a filter left out; they are in no other counter.
+    pub filtered_out: u64,
 }
+
+/// [`Filter::flags`] bit: only packets with [`Filter::port`] as either port.
+pub const FILTER_PORT: u32 = 1;
+/// [`Filter::flags`] bit: only packets with [`Filter::addr`] as either address.
+pub const FILTER_ADDR: u32 = 2;
+/// [`Filter::flags`] bit: only packets of IP protocol [`Filter::protocol`].
+pub const FILTER_PROTOCOL: u32 = 4;
+
+/// The packet filter, set as global data when the program is loaded, so a
+/// filtered-out packet costs no ring-buffer slot, row or map entry. The set
+/// bits of `flags` say which fields apply; they combine with AND.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub flags: u32,
+    pub port: u16,
+    pub protocol: u8,
+    /// FAMILY_IPV4 or FAMILY_IPV6, the family of `addr`.
+    pub family: u8,
+    pub addr: [u8; 16],
+}
+
+/// Name of the global that holds the [`Filter`] in the kernel object.
+pub const GLOBAL_FILTER: &str = "FILTER";
 
 /// A packet and byte counter pair, the value of the non-IP map.
 #[repr(C)]
@@ -136,6 +166,7 @@ mod pod {
     unsafe impl aya::Pod for super::Sample {}
     unsafe impl aya::Pod for super::Totals {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::Filter {}
 }
 
 #[cfg(test)]
@@ -148,7 +179,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<FlowStats>(), 32);
         assert_eq!(size_of::<Sample>(), 64);
-        assert_eq!(size_of::<Totals>(), 13 * 8);
+        assert_eq!(size_of::<Totals>(), 14 * 8);
+        assert_eq!(size_of::<Filter>(), 24);
         assert_eq!(size_of::<Counter>(), 16);
     }
 }

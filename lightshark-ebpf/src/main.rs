@@ -24,8 +24,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lightshark_common::{
-    Counter, FlowKey, FlowStats, Sample, Totals, DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4,
-    FAMILY_IPV6, NONIP_LLC, NONIP_RUNT,
+    Counter, Filter, FlowKey, FlowStats, Sample, Totals, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL, NONIP_LLC, NONIP_RUNT,
 };
 
 /// Sizes here are defaults; the agent sets the real ones at load time.
@@ -37,6 +37,17 @@ static TOTALS: PerCpuArray<Totals> = PerCpuArray::with_max_entries(1, 0);
 static NONIP: PerCpuHashMap<u16, Counter> = PerCpuHashMap::with_max_entries(1024, 0);
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// Set by the agent at load time (aya rewrites this global); all zero, the
+/// default, counts everything.
+#[unsafe(no_mangle)]
+static FILTER: Filter = Filter {
+    flags: 0,
+    port: 0,
+    protocol: 0,
+    family: 0,
+    addr: [0; 16],
+};
 
 const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -125,6 +136,13 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
         return;
     };
     let totals = unsafe { &mut *totals };
+    // Read through a volatile load so the compiler cannot fold the
+    // load-time value of the global into constants.
+    let filter = unsafe { core::ptr::read_volatile(&raw const FILTER) };
+    if filter.flags != 0 && !matches_filter(&filter, &parsed) {
+        totals.filtered_out += segs;
+        return;
+    }
     totals.packets += segs;
     totals.bytes += wire;
     if direction == DIRECTION_INGRESS {
@@ -153,7 +171,8 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
                 wire_len: wire as u32,
                 segments: segments as u16,
                 direction,
-                _pad: [0; 5],
+                _pad1: 0,
+                _pad4: 0,
             };
             totals.samples += 1;
             totals.sample_segments += segs;
@@ -168,6 +187,37 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
             }
         }
     }
+}
+
+/// Whether a packet passes every filter that is set. Non-IP frames never do.
+#[inline(always)]
+fn matches_filter(filter: &Filter, parsed: &Parsed) -> bool {
+    let Parsed::Ip { key, .. } = parsed else {
+        return false;
+    };
+    if filter.flags & FILTER_PROTOCOL != 0 && key.protocol != filter.protocol {
+        return false;
+    }
+    // Ports are 0 where a packet carries none, and the agent never asks
+    // for port 0, so later fragments and ICMP never match a port filter.
+    if filter.flags & FILTER_PORT != 0 && key.src_port != filter.port && key.dst_port != filter.port
+    {
+        return false;
+    }
+    if filter.flags & FILTER_ADDR != 0
+        && (key.family != filter.family
+            || (!same_addr(&key.src_addr, &filter.addr) && !same_addr(&key.dst_addr, &filter.addr)))
+    {
+        return false;
+    }
+    true
+}
+
+/// Compares addresses as one integer: an array comparison may become a
+/// memcmp call, which BPF does not have.
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    u128::from_ne_bytes(*a) == u128::from_ne_bytes(*b)
 }
 
 /// Adds to the flow's entry, creating it if needed. Returns false when the

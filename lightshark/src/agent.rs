@@ -16,17 +16,22 @@ use tokio::{
 
 use crate::{
     api::{self, ApiState},
+    caps,
     capture::Capture,
     config::Config,
     flows::{FlowMaps, LiveState, Poller},
     interface,
     samples::{Reader, ReaderStats},
-    store::{SampleStore, Writer, WriterStats},
+    store::{SampleStore, Writer, WriterSetup, WriterStats},
+    stream::Feed,
 };
 
 /// Runs the monitor until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Raised before any thread starts: capabilities are per thread, and
+    // threads inherit them only at creation.
+    caps::ensure()?;
     let iface = interface::resolve(config.interface.as_deref())?;
     // Everything that can fail on bad input is checked before the program is
     // attached, so a failed start leaves the interface untouched.
@@ -41,16 +46,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .block_on(TcpListener::bind(addr))
         .with_context(|| format!("cannot listen on port {} (--port)", config.port))?;
 
-    let (capture, maps) = Capture::start(&iface, config.attach_mode)?;
+    let (capture, maps) = Capture::start(&iface, config.attach_mode, &config.filter)?;
     let reader_stats = Arc::new(ReaderStats::default());
     let writer_stats = Arc::new(WriterStats::default());
     let (to_writer, from_reader) = mpsc::channel();
-    let writer = Writer::spawn(
-        writer_conn,
-        from_reader,
-        reader_stats.clone(),
-        writer_stats.clone(),
-    );
+    let writer = Writer::spawn(WriterSetup {
+        conn: writer_conn,
+        input: from_reader,
+        queue: reader_stats.clone(),
+        stats: writer_stats.clone(),
+        retention: config.data_retention,
+    });
     let reader = Reader::spawn(maps.samples, to_writer, reader_stats.clone());
     let live = Arc::new(LiveState::default());
     let poller = Poller::spawn(
@@ -60,6 +66,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             nonip: maps.nonip,
         },
         live.clone(),
+        config.connection_timeout,
     );
     let state = Arc::new(ApiState {
         live,
@@ -67,9 +74,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         reader: reader_stats,
         writer: writer_stats.clone(),
         started,
+        feed: Feed::default(),
     });
     log::info!(
-        "API on http://{addr}/api/ (health, live, stats, history); history in {}",
+        "API on http://{addr}/api/ (health, live, stats, history, stream); history in {}",
         config.db_path.display()
     );
 

@@ -23,6 +23,7 @@ use crate::{
     ledger::Tally,
     samples::ReaderStats,
     store::{SampleStore, WriterStats},
+    stream::{self, Feed, NotWebSocket},
     wire,
 };
 
@@ -31,6 +32,8 @@ const LIVE_TOP: usize = 50;
 /// `/api/history` without `limit`, and the largest `limit` allowed.
 const HISTORY_DEFAULT: u32 = 100;
 const HISTORY_MAX: u32 = 10_000;
+/// How often `/api/stream` pushes the stats.
+const STREAM_PERIOD: Duration = Duration::from_secs(1);
 
 /// What the handlers read.
 pub struct ApiState {
@@ -39,6 +42,8 @@ pub struct ApiState {
     pub reader: Arc<ReaderStats>,
     pub writer: Arc<WriterStats>,
     pub started: Instant,
+    /// Where `/api/stream` clients get their messages.
+    pub feed: Feed,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -49,6 +54,10 @@ pub async fn serve(
     state: Arc<ApiState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let ticker_state = state.clone();
+    state
+        .feed
+        .run_ticker(STREAM_PERIOD, move || stats(&ticker_state).to_string());
     loop {
         let (stream, _peer): (_, SocketAddr) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -72,20 +81,26 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
 }
 
-/// The route table: path, the one method it takes, and its handler.
+/// Every endpoint; each answers GET only.
+const ROUTES: &[&str] = &[
+    "/api/health",
+    "/api/live",
+    "/api/stats",
+    "/api/history",
+    "/api/stream",
+];
+
+/// Dispatches a request to its handler, after the checks every route shares.
 async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
-    let path = req.uri().path();
-    let query = req.uri().query().unwrap_or("");
-    let known = matches!(
-        path,
-        "/api/health" | "/api/live" | "/api/history" | "/api/stats"
-    );
-    if !known {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    if !ROUTES.contains(&path.as_str()) {
         return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
     }
     if req.method() != Method::GET {
@@ -98,11 +113,18 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
             .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
         return reply;
     }
-    let result = match path {
-        "/api/health" => no_query(query).map(|()| health(state)),
-        "/api/live" => no_query(query).map(|()| live(state)),
-        "/api/stats" => no_query(query).map(|()| stats(state)),
-        _ => history(state, query).await,
+    let result = match path.as_str() {
+        "/api/health" => no_query(&query).map(|()| health(state)),
+        "/api/live" => no_query(&query).map(|()| live(state)),
+        "/api/stats" => no_query(&query).map(|()| stats(state)),
+        "/api/history" => history(state, &query).await,
+        _ => {
+            return match no_query(&query) {
+                Ok(()) => stream::upgrade(req, &state.feed)
+                    .unwrap_or_else(|NotWebSocket(why)| error(StatusCode::UPGRADE_REQUIRED, why)),
+                Err((status, message)) => error(status, message),
+            }
+        }
     };
     match result {
         Ok(body) => json_reply(StatusCode::OK, &body),
@@ -204,6 +226,7 @@ fn stats(state: &ApiState) -> Value {
         "egress": { "packets": t.egress_packets, "bytes": t.egress_bytes },
         "non_ip": non_ip,
         "flow_map_full_packets": t.flow_map_full,
+        "filtered_out_packets": t.filtered_out,
         "samples": ledger(state, Tally::samples, t.samples, t.ringbuf_drops),
         // The same ledger in wire segments: a GSO packet is one sample of
         // several segments, and packet counters count segments.

@@ -5,7 +5,7 @@
 //! dropping) the capture detaches both hooks and removes the clsact qdisc if
 //! this process added it, so nothing of ours stays on the interface.
 
-use std::{fs, io, mem};
+use std::{io, mem, net::IpAddr};
 
 use anyhow::{bail, Context as _};
 use aya::{
@@ -17,15 +17,16 @@ use aya::{
     },
     sys::{is_map_supported, is_program_supported},
     util::KernelVersion,
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use lightshark_common::{
-    Counter, FlowKey, FlowStats, Totals, MAP_FLOWS, MAP_NONIP, MAP_SAMPLES, MAP_TOTALS,
+    Counter, Filter, FlowKey, FlowStats, Totals, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR,
+    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, MAP_FLOWS, MAP_NONIP, MAP_SAMPLES, MAP_TOTALS,
     PROG_ETH_EGRESS, PROG_ETH_INGRESS, PROG_RAW_EGRESS, PROG_RAW_INGRESS,
 };
 
 use crate::{
-    config::AttachMode,
+    config::{self, AttachMode},
     interface::{Interface, LinkKind},
 };
 
@@ -50,14 +51,18 @@ pub struct Capture {
 
 impl Capture {
     /// Checks the kernel, loads the program and attaches it in `mode`.
-    pub fn start(interface: &Interface, mode: AttachMode) -> anyhow::Result<(Capture, KernelMaps)> {
+    /// Needs the capabilities `caps::ensure` makes effective.
+    pub fn start(
+        interface: &Interface,
+        mode: AttachMode,
+        filter: &config::Filter,
+    ) -> anyhow::Result<(Capture, KernelMaps)> {
         if OBJECT.is_empty() {
             bail!(
                 "this binary holds no kernel program (it was built with AYA_BUILD_SKIP=1); \
                  rebuild without it"
             );
         }
-        check_privileges()?;
         let tcx = match mode {
             AttachMode::Tcx => true,
             AttachMode::Tc => false,
@@ -65,7 +70,11 @@ impl Capture {
         };
         check_kernel(tcx)?;
 
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the kernel program's maps")?;
+        let filter = kernel_filter(filter);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_FILTER, &filter, true)
+            .load(OBJECT)
+            .context("loading the kernel program's maps")?;
         let (ingress, egress) = match interface.kind {
             LinkKind::Ethernet => (PROG_ETH_INGRESS, PROG_ETH_EGRESS),
             LinkKind::RawIp => (PROG_RAW_INGRESS, PROG_RAW_EGRESS),
@@ -157,6 +166,33 @@ impl Drop for Capture {
     }
 }
 
+/// The agent's filter in the kernel program's layout.
+fn kernel_filter(filter: &config::Filter) -> Filter {
+    let mut out = Filter::default();
+    if let Some(port) = filter.port {
+        out.flags |= FILTER_PORT;
+        out.port = port;
+    }
+    if let Some(protocol) = filter.protocol {
+        out.flags |= FILTER_PROTOCOL;
+        out.protocol = protocol;
+    }
+    match filter.ip {
+        Some(IpAddr::V4(a)) => {
+            out.flags |= FILTER_ADDR;
+            out.family = FAMILY_IPV4;
+            out.addr[..4].copy_from_slice(&a.octets());
+        }
+        Some(IpAddr::V6(a)) => {
+            out.flags |= FILTER_ADDR;
+            out.family = FAMILY_IPV6;
+            out.addr = a.octets();
+        }
+        None => {}
+    }
+    out
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
     ebpf.take_map(name)
         .with_context(|| format!("map {name} missing from the kernel object"))
@@ -164,35 +200,6 @@ fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
 
 fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
-}
-
-/// Capability bits, from linux/capability.h.
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
-
-/// Names the capabilities that are missing, instead of an opaque EPERM later.
-fn check_privileges() -> anyhow::Result<()> {
-    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let Some(eff) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
-    else {
-        return Ok(());
-    };
-    let has = |cap: u32| eff & (1u64 << cap) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_BPF (to load the program and create its maps)");
-    }
-    if !has(CAP_NET_ADMIN) {
-        missing.push("CAP_NET_ADMIN (to attach it to the interface)");
-    }
-    if !missing.is_empty() {
-        bail!("missing capabilities: {}", missing.join(", "));
-    }
-    Ok(())
 }
 
 /// Names every kernel feature the agent needs that this kernel lacks.

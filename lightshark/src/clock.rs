@@ -32,4 +32,14 @@ impl WallClock {
     pub fn unix_ms(&self, kernel_ns: u64) -> i64 {
         ((i128::from(kernel_ns) + self.offset_ns) / 1_000_000) as i64
     }
+
+    /// Unix milliseconds of this moment.
+    pub fn now_unix_ms() -> i64 {
+        (now_ns(libc::CLOCK_REALTIME) / 1_000_000) as i64
+    }
+
+    /// The kernel's monotonic clock now, in the units of kernel timestamps.
+    pub fn kernel_now_ns() -> u64 {
+        now_ns(libc::CLOCK_MONOTONIC) as u64
+    }
 }

@@ -1,9 +1,15 @@
-//! Command-line flags, gathered into one typed [`Config`] that the rest of the
-//! agent reads. Nothing else parses arguments.
+//! Every setting, from flags and from a YAML file, gathered into one typed
+//! [`Config`] that the rest of the agent reads. Nothing else parses input.
+//!
+//! A flag given on the command line wins over the file, the file wins over
+//! the default. Each YAML key is the flag's long name with underscores
+//! (`--db-path` is `db_path`), except `data_retention_seconds`.
 
-use std::path::PathBuf;
+use std::{fs, net::IpAddr, path::PathBuf, time::Duration};
 
+use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
+use serde_yaml::Value;
 
 /// How the classifier is hooked onto the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -16,32 +22,88 @@ pub enum AttachMode {
     Tc,
 }
 
+const AFTER_HELP: &str = "\
+Filters run in the kernel: filtered-out packets take no ring-buffer slot, no
+history row and no flow entry, and totals, live, history and stats all describe
+the matching traffic only. Filters combine with AND. Non-IP frames (ARP, LLDP,
+...) never match a filter, and a later IP fragment, which carries no ports,
+never matches --filter-port.
+
+Config file (-c): YAML with the same settings, keyed by each flag's long name
+with underscores; a flag given on the command line wins over the file:
+  interface: eth0
+  port: 3000
+  db_path: /data/traffic.db
+  filter_port: 80
+  filter_ip: 10.0.0.5
+  filter_protocol: TCP
+  connection_timeout: 120
+  data_retention_seconds: 86400
+  attach_mode: auto
+  quiet: true";
+
 /// LightShark-mini: counts a network interface's traffic per 5-tuple in the
 /// kernel (eBPF), keeps one sample per packet in SQLite, and serves both over
-/// a JSON API.
-#[derive(Debug, Parser)]
-#[command(name = "lightshark-mini", version, about, long_about = None)]
+/// a JSON API and a WebSocket stream.
+#[derive(Debug, Default, Parser)]
+#[command(name = "lightshark-mini", version, about, long_about = None, after_help = AFTER_HELP)]
+#[command(allow_negative_numbers = true)]
 struct Cli {
     /// Network interface to watch [default: the default-route interface,
     /// else the first up non-loopback one]
     #[arg(short, long, value_name = "NAME")]
     interface: Option<String>,
 
-    /// TCP port of the HTTP API
-    #[arg(short, long, value_name = "PORT", default_value_t = 3000)]
-    port: u16,
+    /// TCP port of the HTTP API [default: 3000]
+    #[arg(short, long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
 
-    /// SQLite file that keeps the per-packet history
-    #[arg(long, value_name = "PATH", default_value = "traffic.db")]
-    db_path: PathBuf,
+    /// SQLite file that keeps the per-packet history [default: traffic.db]
+    #[arg(long, value_name = "PATH")]
+    db_path: Option<PathBuf>,
+
+    /// Only traffic with this port as source or destination
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    filter_port: Option<u16>,
+
+    /// Only traffic with this IPv4 or IPv6 address as source or destination
+    #[arg(long, value_name = "ADDR")]
+    filter_ip: Option<IpAddr>,
+
+    /// Only this protocol: TCP, UDP, ICMP, ICMPv6, SCTP (any case) or an IP
+    /// protocol number; ICMP does not include ICMPv6
+    #[arg(long, value_name = "PROTO", value_parser = parse_protocol)]
+    filter_protocol: Option<u8>,
+
+    /// Seconds without packets before a connection is stale and removed
+    /// [default: 60]
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    connection_timeout: Option<u64>,
+
+    /// Delete history older than this many seconds [default: keep all]
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    data_retention: Option<u64>,
 
     /// How to hook the classifier: TCX links or the legacy clsact qdisc
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    attach_mode: AttachMode,
+    /// [default: auto]
+    #[arg(long, value_enum)]
+    attach_mode: Option<AttachMode>,
+
+    /// YAML config file with the same settings (see below)
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
 
     /// Log warnings and errors only
     #[arg(short, long)]
     quiet: bool,
+}
+
+/// Which packets the kernel program counts; all `None` counts everything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub port: Option<u16>,
+    pub ip: Option<IpAddr>,
+    pub protocol: Option<u8>,
 }
 
 /// Everything the agent was asked to do, validated.
@@ -51,21 +113,281 @@ pub struct Config {
     pub interface: Option<String>,
     pub port: u16,
     pub db_path: PathBuf,
+    pub filter: Filter,
+    pub connection_timeout: Duration,
+    pub data_retention: Option<Duration>,
     pub attach_mode: AttachMode,
     pub quiet: bool,
 }
 
 impl Config {
-    /// Parses the process arguments; on bad input clap prints the error
-    /// naming the flag and exits with status 2.
-    pub fn from_args() -> Config {
+    /// Reads the flags and the config file they name. Bad flags make clap
+    /// print the error and exit with status 2; a bad file is an error here.
+    pub fn load() -> anyhow::Result<Config> {
         let cli = Cli::parse();
-        Config {
-            interface: cli.interface,
-            port: cli.port,
-            db_path: cli.db_path,
-            attach_mode: cli.attach_mode,
-            quiet: cli.quiet,
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => Cli::default(),
+        };
+        Ok(merge(cli, file))
+    }
+}
+
+/// Flags over file over defaults.
+fn merge(flags: Cli, file: Cli) -> Config {
+    Config {
+        interface: flags.interface.or(file.interface),
+        port: flags.port.or(file.port).unwrap_or(3000),
+        db_path: flags
+            .db_path
+            .or(file.db_path)
+            .unwrap_or_else(|| PathBuf::from("traffic.db")),
+        filter: Filter {
+            port: flags.filter_port.or(file.filter_port),
+            ip: flags.filter_ip.or(file.filter_ip),
+            protocol: flags.filter_protocol.or(file.filter_protocol),
+        },
+        connection_timeout: Duration::from_secs(
+            flags
+                .connection_timeout
+                .or(file.connection_timeout)
+                .unwrap_or(60),
+        ),
+        data_retention: flags
+            .data_retention
+            .or(file.data_retention)
+            .map(Duration::from_secs),
+        attach_mode: flags
+            .attach_mode
+            .or(file.attach_mode)
+            .unwrap_or(AttachMode::Auto),
+        quiet: flags.quiet || file.quiet,
+    }
+}
+
+/// The YAML keys, in the order `--help` lists them.
+const KEYS: &[&str] = &[
+    "interface",
+    "port",
+    "db_path",
+    "filter_port",
+    "filter_ip",
+    "filter_protocol",
+    "connection_timeout",
+    "data_retention_seconds",
+    "attach_mode",
+    "quiet",
+];
+
+fn read_file(path: &std::path::Path) -> anyhow::Result<Cli> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {} (-c/--config)", path.display()))?;
+    parse_yaml(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// Parses the YAML settings; every error names the key and the value.
+fn parse_yaml(text: &str) -> anyhow::Result<Cli> {
+    let doc: Value = serde_yaml::from_str(text).context("not valid YAML")?;
+    let map = match doc {
+        Value::Mapping(m) => m,
+        // An empty file sets nothing.
+        Value::Null => return Ok(Cli::default()),
+        other => bail!("expected a mapping of settings, found {}", describe(&other)),
+    };
+    let mut cli = Cli::default();
+    for (key, value) in map {
+        let Value::String(key) = key else {
+            bail!("setting names must be text, found {}", describe(&key));
+        };
+        // `key:` with no value leaves the setting at its default.
+        if value.is_null() {
+            continue;
+        }
+        match key.as_str() {
+            "interface" => cli.interface = Some(text_value(&key, &value)?),
+            "port" => cli.port = Some(port_value(&key, &value)?),
+            "db_path" => cli.db_path = Some(PathBuf::from(text_value(&key, &value)?)),
+            "filter_port" => cli.filter_port = Some(port_value(&key, &value)?),
+            "filter_ip" => {
+                let text = text_value(&key, &value)?;
+                cli.filter_ip = Some(text.parse().map_err(|_| {
+                    anyhow::anyhow!("{key}: {text:?} is not an IPv4 or IPv6 address")
+                })?);
+            }
+            "filter_protocol" => {
+                let text = match &value {
+                    Value::Number(n) => n.to_string(),
+                    _ => text_value(&key, &value)?,
+                };
+                cli.filter_protocol =
+                    Some(parse_protocol(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))?);
+            }
+            "connection_timeout" => cli.connection_timeout = Some(seconds_value(&key, &value)?),
+            "data_retention_seconds" => cli.data_retention = Some(seconds_value(&key, &value)?),
+            "attach_mode" => {
+                let text = text_value(&key, &value)?;
+                cli.attach_mode =
+                    Some(AttachMode::from_str(&text, true).map_err(|_| {
+                        anyhow::anyhow!("{key}: {text:?} is not one of auto, tcx, tc")
+                    })?);
+            }
+            "quiet" => {
+                cli.quiet = value.as_bool().with_context(|| {
+                    format!("{key}: expected true or false, found {}", describe(&value))
+                })?
+            }
+            other => bail!(
+                "unknown setting {other:?}; the settings are: {}",
+                KEYS.join(", ")
+            ),
+        }
+    }
+    Ok(cli)
+}
+
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "nothing".into(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("the text {s:?}"),
+        Value::Sequence(_) => "a list".into(),
+        Value::Mapping(_) => "a mapping".into(),
+        Value::Tagged(_) => "a tagged value".into(),
+    }
+}
+
+fn text_value(key: &str, value: &Value) -> anyhow::Result<String> {
+    match value {
+        Value::String(s) if !s.is_empty() => Ok(s.clone()),
+        _ => bail!("{key}: expected text, found {}", describe(value)),
+    }
+}
+
+fn port_value(key: &str, value: &Value) -> anyhow::Result<u16> {
+    match value.as_u64() {
+        Some(n) if (1..=65535).contains(&n) => Ok(n as u16),
+        _ => bail!(
+            "{key}: expected a port number from 1 to 65535, found {}",
+            describe(value)
+        ),
+    }
+}
+
+fn seconds_value(key: &str, value: &Value) -> anyhow::Result<u64> {
+    match value.as_u64() {
+        Some(n) if n >= 1 => Ok(n),
+        _ => bail!(
+            "{key}: expected a whole number of seconds (1 or more), found {}",
+            describe(value)
+        ),
+    }
+}
+
+/// A protocol name (any case) or number, as the IP protocol number.
+fn parse_protocol(text: &str) -> Result<u8, String> {
+    let number = match text.to_ascii_lowercase().as_str() {
+        "icmp" => 1,
+        "tcp" => 6,
+        "udp" => 17,
+        "icmpv6" => 58,
+        "sctp" => 132,
+        other => other.parse::<u8>().map_err(|_| {
+            format!(
+                "{text:?} is not a protocol: use TCP, UDP, ICMP, ICMPv6, SCTP or a number \
+                 from 0 to 255"
+            )
+        })?,
+    };
+    Ok(number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lightshark-mini").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_guide_example_parses_to_its_values() {
+        let file = parse_yaml(
+            "interface: eth0\nport: 3000\ndb_path: /data/traffic.db\nfilter_port: 80\n\
+             filter_ip: 10.0.0.5\nfilter_protocol: TCP\nconnection_timeout: 120\n\
+             data_retention_seconds: 86400\nquiet: true\n",
+        )
+        .unwrap();
+        let c = merge(Cli::default(), file);
+        assert_eq!(c.interface.as_deref(), Some("eth0"));
+        assert_eq!(c.db_path, PathBuf::from("/data/traffic.db"));
+        assert_eq!(c.filter.port, Some(80));
+        assert_eq!(c.filter.ip, Some("10.0.0.5".parse().unwrap()));
+        assert_eq!(c.filter.protocol, Some(6));
+        assert_eq!(c.connection_timeout, Duration::from_secs(120));
+        assert_eq!(c.data_retention, Some(Duration::from_secs(86400)));
+        assert!(c.quiet);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file = parse_yaml("port: 4000\ndb_path: /data/a.db\nconnection_timeout: 5\n").unwrap();
+        let flags = parse(&["--port", "5000"]).unwrap();
+        let c = merge(flags, file);
+        assert_eq!(c.port, 5000);
+        assert_eq!(c.db_path, PathBuf::from("/data/a.db"));
+        assert_eq!(c.connection_timeout, Duration::from_secs(5));
+        assert_eq!(c.attach_mode, AttachMode::Auto);
+        assert_eq!(c.data_retention, None);
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key_and_value() {
+        for (yaml, words) in [
+            ("colour: blue", &["unknown setting", "colour"][..]),
+            ("port: 70000", &["port", "70000"]),
+            ("port: web", &["port", "web"]),
+            ("filter_port: 0", &["filter_port", "0"]),
+            ("filter_ip: 10.0.0.300", &["filter_ip", "10.0.0.300"]),
+            ("filter_protocol: tcpp", &["filter_protocol", "tcpp"]),
+            ("filter_protocol: 256", &["filter_protocol", "256"]),
+            ("connection_timeout: -1", &["connection_timeout", "-1"]),
+            (
+                "data_retention_seconds: soon",
+                &["data_retention_seconds", "soon"],
+            ),
+            ("quiet: maybe", &["quiet", "maybe"]),
+            ("attach_mode: xdp", &["attach_mode", "xdp"]),
+            ("- port", &["mapping"]),
+        ] {
+            let err = format!("{:#}", parse_yaml(yaml).unwrap_err());
+            for w in words {
+                assert!(err.contains(w), "{yaml:?}: {err:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn protocols_by_name_in_any_case_or_number() {
+        assert_eq!(parse_protocol("tcp"), Ok(6));
+        assert_eq!(parse_protocol("ICMPv6"), Ok(58));
+        assert_eq!(parse_protocol("Sctp"), Ok(132));
+        assert_eq!(parse_protocol("47"), Ok(47));
+        assert!(parse_protocol("ipx").is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_rejected_with_the_flag_named() {
+        for args in [
+            &["--port", "0"][..],
+            &["--port", "65536"],
+            &["--filter-ip", "nope"],
+            &["--filter-protocol", "tcpx"],
+            &["--connection-timeout", "0"],
+            &["--attach-mode", "xdp"],
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(args[0]), "{args:?}: {err}");
         }
     }
 }

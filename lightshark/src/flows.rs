@@ -79,18 +79,20 @@ pub struct Poller {
 }
 
 impl Poller {
-    /// Reads the maps now and then every [`POLL_INTERVAL`] into `live`.
-    pub fn spawn(maps: FlowMaps, live: Arc<LiveState>) -> Poller {
+    /// Reads the maps now and then every [`POLL_INTERVAL`] into `live`,
+    /// deleting flows that have been idle for `timeout` from the kernel map.
+    pub fn spawn(mut maps: FlowMaps, live: Arc<LiveState>, timeout: Duration) -> Poller {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let mut rates = Rates::new();
-        live.set(read(&maps, &mut rates));
+        let timeout_ns = timeout.as_nanos() as u64;
+        live.set(read(&mut maps, &mut rates, timeout_ns));
         let thread = thread::Builder::new()
             .name("flow-poller".into())
             .spawn(move || {
                 while !stop_flag.load(Ordering::Relaxed) {
                     thread::park_timeout(POLL_INTERVAL);
-                    live.set(read(&maps, &mut rates));
+                    live.set(read(&mut maps, &mut rates, timeout_ns));
                 }
             })
             .expect("spawning the flow poller thread");
@@ -105,8 +107,10 @@ impl Poller {
     }
 }
 
-fn read(maps: &FlowMaps, rates: &mut Rates) -> Snapshot {
+fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
     let clock = WallClock::now();
+    let now_ns = WallClock::kernel_now_ns();
+    let idle = |s: &FlowStats| now_ns.saturating_sub(s.last_seen_ns) >= timeout_ns;
     let totals = sum_totals(maps);
     let mut nonip: Vec<(u16, Counter)> = maps
         .nonip
@@ -121,10 +125,17 @@ fn read(maps: &FlowMaps, rates: &mut Rates) -> Snapshot {
         })
         .collect();
     nonip.sort_by_key(|(k, _)| *k);
+    let mut stale = Vec::new();
     let mut flows: Vec<Flow> = maps
         .flows
         .iter()
         .filter_map(Result::ok)
+        .filter(|(key, s)| {
+            if idle(s) {
+                stale.push(*key);
+            }
+            !idle(s)
+        })
         .map(|(key, s)| Flow {
             key,
             packets: s.packets,
@@ -133,6 +144,13 @@ fn read(maps: &FlowMaps, rates: &mut Rates) -> Snapshot {
             last_seen_ms: clock.unix_ms(s.last_seen_ns),
         })
         .collect();
+    for key in stale {
+        // Look again right before deleting: a packet may have arrived since
+        // the walk. The totals keep what the flow counted either way.
+        if maps.flows.get(&key, 0).is_ok_and(|s| idle(&s)) {
+            let _ = maps.flows.remove(&key);
+        }
+    }
     flows.sort_by(|a, b| b.packets.cmp(&a.packets).then(b.bytes.cmp(&a.bytes)));
     let (packets_per_second, bytes_per_second) = rates.update(totals.packets, totals.bytes);
     Snapshot {
@@ -162,6 +180,7 @@ fn sum_totals(maps: &FlowMaps) -> Totals {
         ringbuf_drops: a.ringbuf_drops + t.ringbuf_drops,
         ringbuf_drop_segments: a.ringbuf_drop_segments + t.ringbuf_drop_segments,
         flow_map_full: a.flow_map_full + t.flow_map_full,
+        filtered_out: a.filtered_out + t.filtered_out,
     })
 }
 

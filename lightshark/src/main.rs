@@ -3,6 +3,7 @@
 
 mod agent;
 mod api;
+mod caps;
 mod capture;
 mod clock;
 mod config;
@@ -11,12 +12,19 @@ mod interface;
 mod ledger;
 mod samples;
 mod store;
+mod stream;
 mod wire;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let config = config::Config::from_args();
+    let config = match config::Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lightshark-mini: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or(if config.quiet { "warn" } else { "info" }),
     )

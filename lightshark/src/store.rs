@@ -8,7 +8,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{
-        mpsc::{Receiver, TryRecvError},
+        mpsc::{Receiver, RecvTimeoutError, TryRecvError},
         Arc, Mutex,
     },
     thread::{self, JoinHandle},
@@ -19,6 +19,7 @@ use anyhow::{bail, Context as _};
 use rusqlite::{params, Connection, OpenFlags};
 
 use crate::{
+    clock::WallClock,
     ledger::Tally,
     samples::{segments_of, Batch, ReaderStats},
     wire,
@@ -127,8 +128,11 @@ fn init_schema(conn: &Connection) -> anyhow::Result<()> {
     if !mode.eq_ignore_ascii_case("wal") {
         log::warn!("the database is in {mode} journal mode, not WAL; readers may wait on writes");
     }
+    // journal_size_limit truncates the WAL after checkpoints, so a burst
+    // does not leave a large -wal file behind.
     conn.execute_batch(
         "PRAGMA synchronous = NORMAL;
+         PRAGMA journal_size_limit = 67108864;
          BEGIN;
          CREATE TABLE IF NOT EXISTS samples (
              id        INTEGER PRIMARY KEY,
@@ -178,18 +182,23 @@ pub struct Writer {
     thread: JoinHandle<()>,
 }
 
+/// The writer's inputs and ledgers.
+pub struct WriterSetup {
+    pub conn: Connection,
+    pub input: Receiver<Batch>,
+    pub queue: Arc<ReaderStats>,
+    pub stats: Arc<WriterStats>,
+    /// Delete rows older than this, if set (`--data-retention`).
+    pub retention: Option<Duration>,
+}
+
 impl Writer {
-    /// Starts writing every batch from `input` to `conn` until the sending
-    /// side is closed and the queue is empty.
-    pub fn spawn(
-        conn: Connection,
-        input: Receiver<Batch>,
-        queue: Arc<ReaderStats>,
-        stats: Arc<WriterStats>,
-    ) -> Writer {
+    /// Starts writing every batch from the input to the database until the
+    /// sending side is closed and the queue is empty.
+    pub fn spawn(setup: WriterSetup) -> Writer {
         let thread = thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(&conn, &input, &queue, &stats))
+            .spawn(move || write_loop(setup))
             .expect("spawning the SQLite writer thread");
         Writer { thread }
     }
@@ -200,43 +209,109 @@ impl Writer {
     }
 }
 
-fn write_loop(
-    conn: &Connection,
-    input: &Receiver<Batch>,
-    queue: &ReaderStats,
-    stats: &WriterStats,
-) {
-    let mut last_error_log: Option<Instant> = None;
-    while let Ok(first) = input.recv() {
-        let mut batches = vec![first];
-        let mut rows = batches[0].samples.len();
-        while rows < MAX_ROWS_PER_COMMIT {
-            match input.try_recv() {
-                Ok(b) => {
-                    rows += b.samples.len();
-                    batches.push(b);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+/// How long the writer waits for samples before looking at retention.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+/// Rows deleted per retention step: small enough that a step takes a few
+/// milliseconds, so sample writes between steps never wait long.
+const RETENTION_BATCH: i64 = 5_000;
+
+fn write_loop(setup: WriterSetup) {
+    let WriterSetup {
+        conn,
+        input,
+        queue,
+        stats,
+        retention,
+    } = setup;
+    let mut failing = ErrorLog::default();
+    // Retention runs at start (old rows from earlier runs) and then at most
+    // once a second, and keeps going step by step while steps come back full.
+    let mut retention_due = Instant::now();
+    loop {
+        match input.recv_timeout(IDLE_WAKE) {
+            Ok(first) => commit(&conn, first, &input, &queue, &stats, &mut failing),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
-        let segments = segments_of(batches.iter().flat_map(|b| &b.samples));
-        let rows = rows as u64;
-        queue.queued.sub(rows, segments);
-        stats.in_flight.add(rows, segments);
-        let result = insert(conn, &batches);
-        stats.in_flight.sub(rows, segments);
-        match result {
-            Ok(()) => stats.stored.add(rows, segments),
-            Err(e) => {
-                stats.storage_dropped.add(rows, segments);
-                // One line a minute is enough to say storage is failing.
-                if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                    log::error!("could not store {rows} samples (counted as dropped): {e:#}");
-                    last_error_log = Some(Instant::now());
+        if let Some(keep) = retention {
+            if Instant::now() >= retention_due {
+                match trim(&conn, keep) {
+                    Ok(n) if n == RETENTION_BATCH as usize => {}
+                    Ok(_) => retention_due = Instant::now() + IDLE_WAKE,
+                    Err(e) => {
+                        failing.report(format_args!("could not delete old history: {e:#}"));
+                        retention_due = Instant::now() + IDLE_WAKE;
+                    }
                 }
             }
         }
     }
+}
+
+/// Commits `first` and whatever else is queued, up to a transaction's worth.
+fn commit(
+    conn: &Connection,
+    first: Batch,
+    input: &Receiver<Batch>,
+    queue: &ReaderStats,
+    stats: &WriterStats,
+    failing: &mut ErrorLog,
+) {
+    let mut batches = vec![first];
+    let mut rows = batches[0].samples.len();
+    while rows < MAX_ROWS_PER_COMMIT {
+        match input.try_recv() {
+            Ok(b) => {
+                rows += b.samples.len();
+                batches.push(b);
+            }
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        }
+    }
+    let segments = segments_of(batches.iter().flat_map(|b| &b.samples));
+    let rows = rows as u64;
+    queue.queued.sub(rows, segments);
+    stats.in_flight.add(rows, segments);
+    let result = insert(conn, &batches);
+    stats.in_flight.sub(rows, segments);
+    match result {
+        Ok(()) => stats.stored.add(rows, segments),
+        Err(e) => {
+            stats.storage_dropped.add(rows, segments);
+            failing.report(format_args!(
+                "could not store {rows} samples (counted as dropped): {e:#}"
+            ));
+        }
+    }
+}
+
+/// Logs a storage failure at most once a minute: one line is enough to say
+/// storage is failing, and the counters say how much.
+#[derive(Default)]
+struct ErrorLog {
+    last: Option<Instant>,
+}
+
+impl ErrorLog {
+    fn report(&mut self, message: std::fmt::Arguments) {
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            log::error!("{message}");
+            self.last = Some(Instant::now());
+        }
+    }
+}
+
+/// Deletes up to one batch of rows older than `keep`; returns how many.
+fn trim(conn: &Connection, keep: Duration) -> rusqlite::Result<usize> {
+    let cutoff = WallClock::now_unix_ms() - keep.as_millis() as i64;
+    conn.prepare_cached(
+        "DELETE FROM samples WHERE id IN
+             (SELECT id FROM samples WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
+    )?
+    .execute(params![cutoff, RETENTION_BATCH])
 }
 
 fn insert(conn: &Connection, batches: &[Batch]) -> anyhow::Result<()> {

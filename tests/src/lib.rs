@@ -678,3 +678,136 @@ pub fn history_flows(rows: &[Value]) -> anyhow::Result<FlowCounts> {
     }
     Ok(out)
 }
+
+/// Sends `count` raw Ethernet frames of `len` bytes with `ethertype` out of
+/// `dev` in `ns` (broadcast destination), through an AF_PACKET socket.
+pub fn send_raw_frames(
+    ns: &Netns,
+    dev: &str,
+    ethertype: u16,
+    count: usize,
+    len: usize,
+) -> anyhow::Result<()> {
+    let dev = std::ffi::CString::new(dev)?;
+    ns.enter(move || -> anyhow::Result<()> {
+        // SAFETY: plain socket calls on a socket this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            ensure!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = libc::if_nametoindex(dev.as_ptr()) as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+            let mut frame = vec![0u8; len];
+            frame[..6].copy_from_slice(&[0xff; 6]);
+            frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+            frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+            for _ in 0..count {
+                let n = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    bail!("sending a raw frame: {e}");
+                }
+            }
+            libc::close(fd);
+        }
+        Ok(())
+    })?
+}
+
+/// A WebSocket client connected to the agent's `/api/stream`, from inside
+/// the agent's namespace.
+pub fn ws_connect(ns: &Netns) -> anyhow::Result<tungstenite::WebSocket<TcpStream>> {
+    let stream = ns.enter(|| TcpStream::connect(("127.0.0.1", API_PORT)))??;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let url = format!("ws://127.0.0.1:{API_PORT}/api/stream");
+    let (ws, response) = tungstenite::client(url.as_str(), stream)
+        .map_err(|e| anyhow::anyhow!("WebSocket handshake: {e}"))?;
+    ensure!(
+        response.status() == 101,
+        "handshake answered {}",
+        response.status()
+    );
+    Ok(ws)
+}
+
+/// Sends UDP datagrams from `from` to `dst` at about `rate` per second for
+/// `duration`; returns how many were sent.
+pub fn udp_steady(
+    from: &Netns,
+    src: &str,
+    dst: &str,
+    port: u16,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let sock = from.enter(|| UdpSocket::bind(SocketAddr::new(src.parse().unwrap(), 0)))??;
+    let dst = SocketAddr::new(dst.parse()?, port);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let payload = [0x11u8; 64];
+    while start.elapsed() < duration {
+        let due = (start.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+        while sent < due {
+            sock.send_to(&payload, dst)?;
+            sent += 1;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    Ok(sent)
+}
+
+impl Agent {
+    /// The agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The keys in the agent's kernel flow map, read with bpftool (the
+    /// kernel's own view, not the agent's). The flow map is the object's
+    /// only plain hash map; it is found among the agent's open BPF maps.
+    pub fn kernel_flow_keys(&self) -> anyhow::Result<Vec<Vec<u8>>> {
+        let pid = self.pid().context("agent not running")?;
+        let mut id = None;
+        for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+            let info = fs::read_to_string(entry?.path()).unwrap_or_default();
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+            };
+            // map_type 1 is BPF_MAP_TYPE_HASH.
+            if field("map_type:").as_deref() == Some("1") {
+                id = field("map_id:");
+            }
+        }
+        let id = id.context("the agent holds no hash map")?;
+        let out = run("bpftool", &["-j", "map", "dump", "id", &id])?;
+        let entries: Value = serde_json::from_slice(&out.stdout)?;
+        let mut keys = Vec::new();
+        for e in entries.as_array().context("bpftool output")? {
+            let key = e["key"].as_array().context("key bytes")?;
+            keys.push(
+                key.iter()
+                    .map(|b| {
+                        u8::from_str_radix(b.as_str().unwrap_or("0x0").trim_start_matches("0x"), 16)
+                    })
+                    .collect::<Result<Vec<u8>, _>>()?,
+            );
+        }
+        Ok(keys)
+    }
+}

