@@ -46,7 +46,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .block_on(TcpListener::bind(addr))
         .with_context(|| format!("cannot listen on port {} (--port)", config.port))?;
 
-    let (capture, maps) = Capture::start(&iface, config.attach_mode, &config.filter)?;
+    let (capture, maps) = Capture::start(&iface, &config)?;
     let reader_stats = Arc::new(ReaderStats::default());
     let writer_stats = Arc::new(WriterStats::default());
     let (to_writer, from_reader) = mpsc::channel();

@@ -27,8 +27,9 @@ use crate::{
     wire,
 };
 
-/// Flows listed by `/api/live`.
-const LIVE_TOP: usize = 50;
+/// Flows listed by `/api/live` without `limit`, and the most it lists.
+const LIVE_DEFAULT: u32 = 50;
+const LIVE_MAX: u32 = 100_000;
 /// `/api/history` without `limit`, and the largest `limit` allowed.
 const HISTORY_DEFAULT: u32 = 100;
 const HISTORY_MAX: u32 = 10_000;
@@ -115,7 +116,9 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     }
     let result = match path.as_str() {
         "/api/health" => no_query(&query).map(|()| health(state)),
-        "/api/live" => no_query(&query).map(|()| live(state)),
+        "/api/live" => {
+            limit_param("/api/live", &query, LIVE_DEFAULT, LIVE_MAX).map(|n| live(state, n))
+        }
         "/api/stats" => no_query(&query).map(|()| stats(state)),
         "/api/history" => history(state, &query).await,
         _ => {
@@ -171,12 +174,12 @@ fn dropped(state: &ApiState, totals: &lightshark_common::Totals) -> u64 {
         + state.writer.storage_dropped.samples()
 }
 
-fn live(state: &ApiState) -> Value {
+fn live(state: &ApiState, limit: u32) -> Value {
     let snap = state.live.get();
     let connections: Vec<Value> = snap
         .flows
         .iter()
-        .take(LIVE_TOP)
+        .take(limit as usize)
         .map(|f| {
             let (src, dst) = wire::addresses(&f.key);
             json!({
@@ -255,17 +258,7 @@ fn ledger(state: &ApiState, unit: fn(&Tally) -> u64, emitted: u64, ring_full: u6
 }
 
 async fn history(state: &ApiState, query: &str) -> Handled {
-    let mut limit = HISTORY_DEFAULT;
-    for (name, value) in query_pairs(query) {
-        match name {
-            "limit" => limit = parse_limit(value)?,
-            other => {
-                return Err(bad_request(format!(
-                    "unknown query parameter {other:?}; /api/history takes: limit"
-                )))
-            }
-        }
-    }
+    let limit = limit_param("/api/history", query, HISTORY_DEFAULT, HISTORY_MAX)?;
     let store = state.store.clone();
     let rows = tokio::task::spawn_blocking(move || store.history(limit))
         .await
@@ -284,17 +277,37 @@ async fn history(state: &ApiState, query: &str) -> Handled {
     Ok(serde_json::to_value(rows).unwrap_or(Value::Null))
 }
 
-fn parse_limit(value: &str) -> Result<u32, (StatusCode, String)> {
+/// The only query parameter of `path`: `limit`, a whole number from 1 to
+/// `max`, or `default` when absent.
+fn limit_param(
+    path: &str,
+    query: &str,
+    default: u32,
+    max: u32,
+) -> Result<u32, (StatusCode, String)> {
+    let mut limit = default;
+    for (name, value) in query_pairs(query) {
+        if name != "limit" {
+            return Err(bad_request(format!(
+                "unknown query parameter {name:?}; {path} takes: limit"
+            )));
+        }
+        limit = parse_limit(value, max)?;
+    }
+    Ok(limit)
+}
+
+fn parse_limit(value: &str, max: u32) -> Result<u32, (StatusCode, String)> {
     let invalid = || {
         bad_request(format!(
-            "limit must be a whole number from 1 to {HISTORY_MAX}, not {value:?}"
+            "limit must be a whole number from 1 to {max}, not {value:?}"
         ))
     };
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
         return Err(invalid());
     }
     match value.parse::<u32>() {
-        Ok(n) if (1..=HISTORY_MAX).contains(&n) => Ok(n),
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(invalid()),
     }
 }
@@ -319,8 +332,8 @@ mod tests {
 
     #[test]
     fn limit_takes_only_whole_numbers_in_range() {
-        assert_eq!(parse_limit("1").unwrap(), 1);
-        assert_eq!(parse_limit("10000").unwrap(), 10_000);
+        assert_eq!(parse_limit("1", 10_000).unwrap(), 1);
+        assert_eq!(parse_limit("10000", 10_000).unwrap(), 10_000);
         for bad in [
             "",
             "0",
@@ -332,7 +345,7 @@ mod tests {
             "abc",
             "99999999999999999999",
         ] {
-            let (status, message) = parse_limit(bad).unwrap_err();
+            let (status, message) = parse_limit(bad, 10_000).unwrap_err();
             assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
             assert!(message.contains("1 to 10000"), "{message}");
         }

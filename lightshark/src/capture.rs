@@ -54,9 +54,9 @@ impl Capture {
     /// Needs the capabilities `caps::ensure` makes effective.
     pub fn start(
         interface: &Interface,
-        mode: AttachMode,
-        filter: &config::Filter,
+        config: &config::Config,
     ) -> anyhow::Result<(Capture, KernelMaps)> {
+        let mode = config.attach_mode;
         if OBJECT.is_empty() {
             bail!(
                 "this binary holds no kernel program (it was built with AYA_BUILD_SKIP=1); \
@@ -70,9 +70,11 @@ impl Capture {
         };
         check_kernel(tcx)?;
 
-        let filter = kernel_filter(filter);
+        let filter = kernel_filter(&config.filter);
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER, &filter, true)
+            .map_max_entries(MAP_FLOWS, config.flow_map_size)
+            .map_max_entries(MAP_SAMPLES, config.ring_buffer_size)
             .load(OBJECT)
             .context("loading the kernel program's maps")?;
         let (ingress, egress) = match interface.kind {

@@ -40,6 +40,8 @@ with underscores; a flag given on the command line wins over the file:
   connection_timeout: 120
   data_retention_seconds: 86400
   attach_mode: auto
+  ring_buffer_size: 8388608
+  flow_map_size: 131072
   quiet: true";
 
 /// LightShark-mini: counts a network interface's traffic per 5-tuple in the
@@ -89,6 +91,16 @@ struct Cli {
     #[arg(long, value_enum)]
     attach_mode: Option<AttachMode>,
 
+    /// Bytes of the kernel's sample ring buffer: a power of two from 4096
+    /// to 1073741824 [default: 8388608]
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    ring_buffer_size: Option<u32>,
+
+    /// Flows the kernel map can hold; packets of flows beyond it still count
+    /// in every total [default: 131072]
+    #[arg(long, value_name = "FLOWS", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    flow_map_size: Option<u32>,
+
     /// YAML config file with the same settings (see below)
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -117,6 +129,8 @@ pub struct Config {
     pub connection_timeout: Duration,
     pub data_retention: Option<Duration>,
     pub attach_mode: AttachMode,
+    pub ring_buffer_size: u32,
+    pub flow_map_size: u32,
     pub quiet: bool,
 }
 
@@ -161,6 +175,14 @@ fn merge(flags: Cli, file: Cli) -> Config {
             .attach_mode
             .or(file.attach_mode)
             .unwrap_or(AttachMode::Auto),
+        ring_buffer_size: flags
+            .ring_buffer_size
+            .or(file.ring_buffer_size)
+            .unwrap_or(DEFAULT_RING_BUFFER),
+        flow_map_size: flags
+            .flow_map_size
+            .or(file.flow_map_size)
+            .unwrap_or(DEFAULT_FLOW_MAP),
         quiet: flags.quiet || file.quiet,
     }
 }
@@ -176,6 +198,8 @@ const KEYS: &[&str] = &[
     "connection_timeout",
     "data_retention_seconds",
     "attach_mode",
+    "ring_buffer_size",
+    "flow_map_size",
     "quiet",
 ];
 
@@ -231,6 +255,20 @@ fn parse_yaml(text: &str) -> anyhow::Result<Cli> {
                         anyhow::anyhow!("{key}: {text:?} is not one of auto, tcx, tc")
                     })?);
             }
+            "ring_buffer_size" => match value.as_u64() {
+                Some(n) if ring_size_ok(n) => cli.ring_buffer_size = Some(n as u32),
+                _ => bail!(
+                    "{key}: expected a power of two from {MIN_RING} to {MAX_RING}, found {}",
+                    describe(&value)
+                ),
+            },
+            "flow_map_size" => match value.as_u64() {
+                Some(n @ 1..=16_777_216) => cli.flow_map_size = Some(n as u32),
+                _ => bail!(
+                    "{key}: expected a whole number from 1 to 16777216, found {}",
+                    describe(&value)
+                ),
+            },
             "quiet" => {
                 cli.quiet = value.as_bool().with_context(|| {
                     format!("{key}: expected true or false, found {}", describe(&value))
@@ -281,6 +319,26 @@ fn seconds_value(key: &str, value: &Value) -> anyhow::Result<u64> {
             "{key}: expected a whole number of seconds (1 or more), found {}",
             describe(value)
         ),
+    }
+}
+
+/// Ring-buffer sizes the kernel accepts: a power of two and a whole number
+/// of pages (taken as 4096 bytes), here up to 1 GiB.
+const MIN_RING: u64 = 4096;
+const MAX_RING: u64 = 1 << 30;
+const DEFAULT_RING_BUFFER: u32 = 8 << 20;
+const DEFAULT_FLOW_MAP: u32 = 131_072;
+
+fn ring_size_ok(n: u64) -> bool {
+    n.is_power_of_two() && (MIN_RING..=MAX_RING).contains(&n)
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    match text.parse::<u64>() {
+        Ok(n) if ring_size_ok(n) => Ok(n as u32),
+        _ => Err(format!(
+            "{text:?} is not a power of two from {MIN_RING} to {MAX_RING}"
+        )),
     }
 }
 

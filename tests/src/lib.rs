@@ -53,6 +53,12 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// A fresh namespace of its own, named after `tag`.
+    pub fn new(tag: &str) -> anyhow::Result<Netns> {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        Netns::create(format!("lstest-{}-{n}-{tag}", std::process::id()))
+    }
+
     fn create(name: String) -> anyhow::Result<Netns> {
         run("ip", &["netns", "add", &name])?;
         let ns = Netns { name };
@@ -74,6 +80,15 @@ impl Netns {
         let mut full = vec!["netns", "exec", &self.name, program];
         full.extend_from_slice(args);
         run("ip", &full)
+    }
+
+    /// Runs a command inside the namespace and returns its output whatever
+    /// its exit status.
+    pub fn exec_status(&self, program: &str, args: &[&str]) -> anyhow::Result<Output> {
+        self.command(program)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {program} in {}", self.name))
     }
 
     /// A command to spawn inside the namespace.
@@ -122,9 +137,7 @@ pub struct VethPair {
 }
 
 impl VethPair {
-    /// Creates the pair. With `offload` false, segmentation offload is off on
-    /// both ends, so that one kernel packet is one frame on the wire.
-    pub fn new(offload: bool) -> anyhow::Result<VethPair> {
+    fn namespaces() -> anyhow::Result<(Netns, Netns)> {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let a = Netns::create(format!("lstest-{pid}-{n}-a"))?;
@@ -136,6 +149,27 @@ impl VethPair {
                 &b.name,
             ],
         )?;
+        Ok((a, b))
+    }
+
+    /// A pair for replaying captures: no addresses, IPv6 off and no GRO, so
+    /// that the kernel sends nothing of its own and every replayed frame
+    /// reaches the hook as it was captured; MTU 65535 so that every frame a
+    /// veth can carry gets through.
+    pub fn bare() -> anyhow::Result<VethPair> {
+        let (a, b) = VethPair::namespaces()?;
+        for (ns, dev) in [(&a, "va"), (&b, "vb")] {
+            ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+            ns.exec("ethtool", &["-K", dev, "gro", "off"])?;
+            ns.exec("ip", &["link", "set", dev, "mtu", "65535", "up"])?;
+        }
+        Ok(VethPair { a, b })
+    }
+
+    /// Creates the pair. With `offload` false, segmentation offload is off on
+    /// both ends, so that one kernel packet is one frame on the wire.
+    pub fn new(offload: bool) -> anyhow::Result<VethPair> {
+        let (a, b) = VethPair::namespaces()?;
         for (ns, dev, v4, v6) in [(&a, "va", A4, A6), (&b, "vb", B4, B6)] {
             ns.exec("ip", &["addr", "add", &format!("{v4}/24"), "dev", dev])?;
             ns.exec(
