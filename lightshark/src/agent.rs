@@ -75,6 +75,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         writer: writer_stats.clone(),
         started,
         feed: Feed::default(),
+        live_cache: Default::default(),
     });
     log::info!(
         "API on http://{addr}/api/ (health, live, stats, history, stream); history in {}",

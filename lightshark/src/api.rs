@@ -4,7 +4,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -15,11 +15,12 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lightshark_common::{NONIP_LLC, NONIP_RUNT};
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    flows::LiveState,
+    flows::{LiveState, Snapshot},
     ledger::Tally,
     samples::ReaderStats,
     store::{SampleStore, WriterStats},
@@ -45,6 +46,8 @@ pub struct ApiState {
     pub started: Instant,
     /// Where `/api/stream` clients get their messages.
     pub feed: Feed,
+    /// The default `/api/live` body and the snapshot it was rendered from.
+    pub live_cache: Mutex<Option<(Arc<Snapshot>, Bytes)>>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -115,11 +118,11 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         return reply;
     }
     let result = match path.as_str() {
-        "/api/health" => no_query(&query).map(|()| health(state)),
+        "/api/health" => no_query(&query).map(|()| json_bytes(&health(state))),
         "/api/live" => {
             limit_param("/api/live", &query, LIVE_DEFAULT, LIVE_MAX).map(|n| live(state, n))
         }
-        "/api/stats" => no_query(&query).map(|()| stats(state)),
+        "/api/stats" => no_query(&query).map(|()| json_bytes(&stats(state))),
         "/api/history" => history(state, &query).await,
         _ => {
             return match no_query(&query) {
@@ -130,12 +133,12 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         }
     };
     match result {
-        Ok(body) => json_reply(StatusCode::OK, &body),
+        Ok(body) => json_reply(StatusCode::OK, body),
         Err((status, message)) => error(status, message),
     }
 }
 
-type Handled = Result<Value, (StatusCode, String)>;
+type Handled = Result<Bytes, (StatusCode, String)>;
 
 fn bad_request(message: String) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, message)
@@ -174,32 +177,77 @@ fn dropped(state: &ApiState, totals: &lightshark_common::Totals) -> u64 {
         + state.writer.storage_dropped.samples()
 }
 
-fn live(state: &ApiState, limit: u32) -> Value {
+/// One `/api/live` entry.
+#[derive(Serialize)]
+struct LiveFlow {
+    connection: String,
+    protocol: String,
+    src_ip: String,
+    dst_ip: String,
+    src_port: u16,
+    dst_port: u16,
+    first_seen: i64,
+    last_seen: i64,
+    stats: LiveStats,
+}
+
+#[derive(Serialize)]
+struct LiveStats {
+    bytes_sent: u64,
+    packets_count: u64,
+}
+
+#[derive(Serialize)]
+struct Live {
+    connections: Vec<LiveFlow>,
+    total_packets: u64,
+    total_bytes: u64,
+}
+
+/// `/api/live`; the default view is rendered once per snapshot and then
+/// served as is, since dashboards and probes poll it far more often than
+/// the snapshot changes.
+fn live(state: &ApiState, limit: u32) -> Bytes {
     let snap = state.live.get();
-    let connections: Vec<Value> = snap
-        .flows
-        .iter()
-        .take(limit as usize)
-        .map(|f| {
-            let (src, dst) = wire::addresses(&f.key);
-            json!({
-                "connection": wire::connection(&f.key),
-                "protocol": wire::protocol_name(f.key.protocol),
-                "src_ip": src.to_string(),
-                "dst_ip": dst.to_string(),
-                "src_port": f.key.src_port,
-                "dst_port": f.key.dst_port,
-                "first_seen": f.first_seen_ms,
-                "last_seen": f.last_seen_ms,
-                "stats": { "bytes_sent": f.bytes, "packets_count": f.packets },
+    let cache = || state.live_cache.lock().unwrap_or_else(|e| e.into_inner());
+    if limit == LIVE_DEFAULT {
+        if let Some((cached, body)) = cache().as_ref() {
+            if Arc::ptr_eq(cached, &snap) {
+                return body.clone();
+            }
+        }
+    }
+    let live = Live {
+        connections: snap
+            .flows
+            .iter()
+            .take(limit as usize)
+            .map(|f| {
+                let (src, dst) = wire::addresses(&f.key);
+                LiveFlow {
+                    connection: wire::connection(&f.key),
+                    protocol: wire::protocol_name(f.key.protocol),
+                    src_ip: src.to_string(),
+                    dst_ip: dst.to_string(),
+                    src_port: f.key.src_port,
+                    dst_port: f.key.dst_port,
+                    first_seen: f.first_seen_ms,
+                    last_seen: f.last_seen_ms,
+                    stats: LiveStats {
+                        bytes_sent: f.bytes,
+                        packets_count: f.packets,
+                    },
+                }
             })
-        })
-        .collect();
-    json!({
-        "connections": connections,
-        "total_packets": snap.totals.packets,
-        "total_bytes": snap.totals.bytes,
-    })
+            .collect(),
+        total_packets: snap.totals.packets,
+        total_bytes: snap.totals.bytes,
+    };
+    let body = json_bytes(&live);
+    if limit == LIVE_DEFAULT {
+        *cache() = Some((snap, body.clone()));
+    }
+    body
 }
 
 fn stats(state: &ApiState) -> Value {
@@ -274,7 +322,7 @@ async fn history(state: &ApiState, query: &str) -> Handled {
                 format!("history query failed: {e:#}"),
             )
         })?;
-    Ok(serde_json::to_value(rows).unwrap_or(Value::Null))
+    Ok(json_bytes(&rows))
 }
 
 /// The only query parameter of `path`: `limit`, a whole number from 1 to
@@ -312,8 +360,13 @@ fn parse_limit(value: &str, max: u32) -> Result<u32, (StatusCode, String)> {
     }
 }
 
-fn json_reply(status: StatusCode, body: &Value) -> Reply {
-    let mut reply = Response::new(Full::new(Bytes::from(body.to_string())));
+fn json_bytes(value: &impl Serialize) -> Bytes {
+    // Serializing plain data (no maps with non-string keys) cannot fail.
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+fn json_reply(status: StatusCode, body: Bytes) -> Reply {
+    let mut reply = Response::new(Full::new(body));
     *reply.status_mut() = status;
     reply.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -323,7 +376,7 @@ fn json_reply(status: StatusCode, body: &Value) -> Reply {
 }
 
 fn error(status: StatusCode, message: String) -> Reply {
-    json_reply(status, &json!({ "error": message }))
+    json_reply(status, json_bytes(&json!({ "error": message })))
 }
 
 #[cfg(test)]

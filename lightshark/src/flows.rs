@@ -12,6 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::fd::AsFd as _;
+
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use lightshark_common::{Counter, FlowKey, FlowStats, Totals};
 
@@ -126,10 +128,12 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
         .collect();
     nonip.sort_by_key(|(k, _)| *k);
     let mut stale = Vec::new();
-    let mut flows: Vec<Flow> = maps
-        .flows
-        .iter()
-        .filter_map(Result::ok)
+    let entries = read_all(&maps.flows).unwrap_or_else(|e| {
+        log::debug!("batch lookup unavailable ({e}); walking the flow map key by key");
+        maps.flows.iter().filter_map(Result::ok).collect()
+    });
+    let mut flows: Vec<Flow> = entries
+        .into_iter()
         .filter(|(key, s)| {
             if idle(s) {
                 stale.push(*key);
@@ -159,6 +163,75 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
         flows,
         packets_per_second,
         bytes_per_second,
+    }
+}
+
+/// Entries per BPF_MAP_LOOKUP_BATCH call; also bounds the largest hash
+/// bucket the kernel can return at once (it answers ENOSPC otherwise).
+const BATCH: usize = 4096;
+
+/// Every entry of the flow map in a few BPF_MAP_LOOKUP_BATCH calls, instead
+/// of two syscalls per flow (100k flows would cost 200k syscalls a poll).
+/// aya 0.14 has no batch operations, so this is the raw syscall.
+fn read_all(
+    map: &HashMap<MapData, FlowKey, FlowStats>,
+) -> std::io::Result<Vec<(FlowKey, FlowStats)>> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let fd = aya::maps::IterableMap::map(map).fd().as_fd().as_raw_fd();
+    let mut keys = vec![FlowKey::default(); BATCH];
+    let mut values = vec![FlowStats::default(); BATCH];
+    // The batch tokens are opaque to user space; the kernel writes at most
+    // a key's worth.
+    let mut tokens = [[0u8; std::mem::size_of::<FlowKey>()]; 2];
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { tokens[0].as_ptr() as u64 },
+            out_batch: tokens[1].as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the kernel writes at most `count` keys and values into
+        // buffers of that many elements, and one token into `tokens[1]`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        let n = attr.count as usize;
+        if rc == 0 || err.raw_os_error() == Some(libc::ENOENT) {
+            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        }
+        if rc != 0 {
+            return match err.raw_os_error() {
+                // ENOENT: the walk is complete.
+                Some(libc::ENOENT) => Ok(out),
+                _ => Err(err),
+            };
+        }
+        tokens[0] = tokens[1];
+        first = false;
     }
 }
 

@@ -1,20 +1,7 @@
 //! lightshark-mini: see README.md. This file only wires flags, logging and
 //! the exit status around `agent::run`.
 
-mod agent;
-mod api;
-mod caps;
-mod capture;
-mod clock;
-mod config;
-mod flows;
-mod interface;
-mod ledger;
-mod samples;
-mod store;
-mod stream;
-mod wire;
-
+use lightshark::{agent, config};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -255,17 +255,20 @@ impl LinkCounters {
     }
 }
 
-/// Path of the agent binary: `LIGHTSHARK_BIN`, else next to the test's own
-/// `deps/` directory (`target/<profile>/lightshark-mini`).
+/// Path of the agent binary: `LIGHTSHARK_BIN`, else the `lightshark-mini`
+/// of the same target directory as this executable (which is either in
+/// `target/<profile>/` itself or, for a test, in its `deps/`).
 pub fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("LIGHTSHARK_BIN") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
+    exe.ancestors()
+        .skip(1)
+        .take(2)
         .map(|d| d.join("lightshark-mini"))
-        .expect("target directory")
+        .find(|p| p.is_file())
+        .expect("lightshark-mini next to this executable or one directory up; build it first")
 }
 
 /// A scratch directory for one test, removed on drop.
@@ -309,7 +312,18 @@ impl Agent {
     /// Starts the agent on `dev` in `ns` with extra flags, and waits until
     /// its API answers.
     pub fn start(ns: &Netns, dev: &str, dir: &TempDir, extra: &[&str]) -> anyhow::Result<Agent> {
-        let db_path = dir.path.join("traffic.db");
+        Agent::start_with_db(ns, dev, dir, &dir.path.join("traffic.db"), extra)
+    }
+
+    /// [`Agent::start`] with the database at `db_path`.
+    pub fn start_with_db(
+        ns: &Netns,
+        dev: &str,
+        dir: &TempDir,
+        db_path: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let db_path = db_path.to_owned();
         let log_path = dir.path.join("agent.log");
         let log = fs::File::create(&log_path)?;
         let port = API_PORT.to_string();

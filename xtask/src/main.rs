@@ -35,6 +35,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the benchmark (about 15 minutes) and write BENCHMARKS.md (needs
+    /// root, like the tests)
+    Bench {
+        /// Passed to the benchmark (`--tiny` for a quick end-to-end check)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build everything and run every test (needs root: the tests create
     /// network namespaces and load BPF programs)
     Test {
@@ -57,6 +64,7 @@ const TEST_PACKAGES: &[&str] = &[
     "iperf3",
     "bpftool",
     "libcap2-bin",
+    "wrk",
 ];
 /// PyPI packages the deployment checks run: Dockerfile lint, Kubernetes
 /// schemas, and the Compose schema check.
@@ -82,6 +90,28 @@ fn main() -> anyhow::Result<()> {
             // exec, so that Ctrl-C and SIGTERM reach the monitor itself.
             let err = Command::new(&bin).args(&args).exec();
             Err(err).with_context(|| format!("starting {}", bin.display()))
+        }
+        Task::Bench { args } => {
+            require_root("the benchmark")?;
+            setup(true)?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "lightshark",
+                "-p",
+                "lightshark-tests",
+                "--bins",
+            ])?;
+            let bin = root.join("target/release/lightshark-bench");
+            let status = Command::new(&bin)
+                .args(&args)
+                .status()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            if !status.success() {
+                bail!("the benchmark failed ({status})");
+            }
+            Ok(())
         }
         Task::Test { args } => {
             require_root("the tests")?;

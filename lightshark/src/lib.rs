@@ -1,0 +1,17 @@
+//! The LightShark-mini agent as a library: the binary (`main.rs`) runs
+//! [`agent::run`]; the benchmark drives parts of it (the sample store) directly,
+//! so it measures the code the agent runs.
+
+pub mod agent;
+pub mod api;
+pub mod caps;
+pub mod capture;
+pub mod clock;
+pub mod config;
+pub mod flows;
+pub mod interface;
+pub mod ledger;
+pub mod samples;
+pub mod store;
+pub mod stream;
+pub mod wire;

@@ -1,0 +1,734 @@
+//! The benchmark behind `cargo xtask bench`: every figure measured in one
+//! run, side by side, on veths in namespaces it creates, as ratios against
+//! the same traffic with no monitor; written to BENCHMARKS.md.
+//!
+//! `--tiny` runs every part on a small size, for the test that checks the
+//! command end to end; its figures mean nothing.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::Write as _,
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{mpsc, Arc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _};
+use lightshark::{
+    clock::WallClock,
+    samples::{Batch, ReaderStats},
+    store::{SampleStore, Writer, WriterSetup, WriterStats},
+};
+use lightshark_common::{FlowKey, Sample, FAMILY_IPV4};
+use lightshark_tests::*;
+use serde_json::Value;
+
+/// How big a run is.
+struct Size {
+    reps: usize,
+    tcp_seconds: u32,
+    small_frames: u64,
+    sustained_pps: u64,
+    sustained_seconds: u64,
+    flows: u32,
+    store_rows: u64,
+    latency_seconds: u32,
+}
+
+const FULL: Size = Size {
+    reps: 10,
+    tcp_seconds: 10,
+    small_frames: 2_000_000,
+    sustained_pps: 200_000,
+    sustained_seconds: 10,
+    flows: 100_000,
+    store_rows: 10_000_000,
+    latency_seconds: 10,
+};
+
+const TINY: Size = Size {
+    reps: 1,
+    tcp_seconds: 1,
+    small_frames: 20_000,
+    sustained_pps: 20_000,
+    sustained_seconds: 1,
+    flows: 1_000,
+    store_rows: 50_000,
+    latency_seconds: 1,
+};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let tiny = args.iter().any(|a| a == "--tiny");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("BENCHMARKS.md"));
+    let size = if tiny { &TINY } else { &FULL };
+    let work = TempDir::new("bench")?;
+    let started = Instant::now();
+    let mut report = Report::default();
+    eprintln!("bench: TCP throughput");
+    tcp_throughput(size, &work, &mut report)?;
+    eprintln!("bench: small packets");
+    small_packets(size, &work, &mut report)?;
+    eprintln!("bench: flow scale");
+    flow_scale(size, &work, &mut report)?;
+    eprintln!("bench: storage");
+    storage(size, &work, &mut report)?;
+    let text = report.render(tiny, started.elapsed());
+    fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "bench: wrote {} in {:.0?}",
+        out.display(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// The sections of BENCHMARKS.md, filled as the parts run.
+#[derive(Default)]
+struct Report {
+    sections: Vec<String>,
+    verdicts: Vec<(String, bool, String)>,
+}
+
+impl Report {
+    fn section(&mut self, title: &str, body: String) {
+        self.sections.push(format!("## {title}\n\n{body}"));
+    }
+
+    fn target(&mut self, what: &str, met: bool, detail: String) {
+        self.verdicts.push((what.to_owned(), met, detail));
+    }
+
+    fn render(&self, tiny: bool, took: Duration) -> String {
+        let mut s = String::from("# Benchmarks\n\n");
+        if tiny {
+            s.push_str(
+                "**Tiny run (`--tiny`): a check that the benchmark runs, not a measurement.**\n\n",
+            );
+        }
+        let _ = writeln!(
+            s,
+            "One run of `cargo xtask bench` ({:.0} s), on this machine: {} cores, kernel {}. \
+             Every ratio divides a median by the median of the same traffic with no monitor, \
+             measured in the same run with the configurations interleaved. Traffic runs between \
+             two network namespaces over a veth pair; the monitor watches the receiving end.\n",
+            took.as_secs_f64(),
+            thread::available_parallelism().map_or(0, |n| n.get()),
+            fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+        );
+        s.push_str("## Targets\n\n| target | met | measured |\n|---|---|---|\n");
+        for (what, met, detail) in &self.verdicts {
+            let _ = writeln!(
+                s,
+                "| {what} | {} | {detail} |",
+                if *met { "yes" } else { "**no**" }
+            );
+        }
+        s.push('\n');
+        for sec in &self.sections {
+            s.push_str(sec);
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// Median and range of a set of measurements.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (median, v[0], v[v.len() - 1])
+}
+
+/// The monitor on the receiving veth during one measurement.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Monitor {
+    None,
+    LightShark,
+    Tcpdump,
+}
+
+impl Monitor {
+    const ALL: [Monitor; 3] = [Monitor::None, Monitor::LightShark, Monitor::Tcpdump];
+
+    fn label(self) -> &'static str {
+        match self {
+            Monitor::None => "none",
+            Monitor::LightShark => "LightShark (`lightshark-mini -i vb`, history on)",
+            Monitor::Tcpdump => "tcpdump (`tcpdump -i vb -n -w /dev/null`)",
+        }
+    }
+}
+
+/// A running monitor; stopped on drop.
+enum Running {
+    None,
+    Agent(Box<Agent>),
+    Tcpdump(Child),
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Running::Tcpdump(child) = self {
+            // SAFETY: SIGINT to the tcpdump we spawned.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start(
+    monitor: Monitor,
+    pair: &VethPair,
+    dir: &TempDir,
+    extra: &[&str],
+) -> anyhow::Result<Running> {
+    Ok(match monitor {
+        Monitor::None => Running::None,
+        Monitor::LightShark => {
+            let _ = fs::remove_file(dir.path.join("traffic.db"));
+            Running::Agent(Box::new(Agent::start(&pair.b, "vb", dir, extra)?))
+        }
+        Monitor::Tcpdump => {
+            let mut child = pair
+                .b
+                .command("tcpdump")
+                .args(["-i", "vb", "-n", "-w", "/dev/null"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let mut err = child.stderr.take().context("tcpdump stderr")?;
+            let mut seen = Vec::new();
+            let mut b = [0u8; 1];
+            while !String::from_utf8_lossy(&seen).contains("listening on") {
+                ensure!(std::io::Read::read(&mut err, &mut b)? == 1, "tcpdump ended");
+                seen.push(b[0]);
+            }
+            thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+            Running::Tcpdump(child)
+        }
+    })
+}
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+fn tcp_throughput(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<()> {
+    let pair = VethPair::new(true)?;
+    let dir = TempDir::new("tcp")?;
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for _ in 0..size.reps {
+        for (i, m) in Monitor::ALL.into_iter().enumerate() {
+            let _running = start(m, &pair, &dir, &["--quiet"])?;
+            let mut server = pair
+                .b
+                .command("iperf3")
+                .args(["-s", "-1", "-B", B4])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            wait_listening(&pair.b, 5201)?;
+            let t = size.tcp_seconds.to_string();
+            let out = pair
+                .a
+                .exec("iperf3", &["-c", B4, "-t", &t, "-P", "4", "-J"])?;
+            server.wait()?;
+            let v: Value = serde_json::from_slice(&out.stdout)?;
+            let bps = v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .context("iperf3 JSON")?;
+            results[i].push(bps / 1e9);
+        }
+    }
+    let _ = work;
+    let none = spread(&results[0]).0;
+    let mut body = format!(
+        "`iperf3 -c B -t {} -P 4` over a veth with segmentation offload on (the default), {} repetitions \
+         of each configuration, interleaved.\n\n| monitor on the receiving veth | Gbit/s median [min-max] | ratio |\n|---|---|---|\n",
+        size.tcp_seconds, size.reps
+    );
+    let mut lightshark_ratio = 0.0;
+    for (i, m) in Monitor::ALL.into_iter().enumerate() {
+        let (med, lo, hi) = spread(&results[i]);
+        let ratio = med / none;
+        if m == Monitor::LightShark {
+            lightshark_ratio = ratio;
+        }
+        let _ = writeln!(
+            body,
+            "| {} | {med:.1} [{lo:.1}-{hi:.1}] | {ratio:.2} |",
+            m.label()
+        );
+    }
+    let (_, lo, hi) = spread(&results[0]);
+    let _ = writeln!(
+        body,
+        "\nThe no-monitor runs alone span {:.0}% of their median.",
+        (hi - lo) / none * 100.0
+    );
+    report.target(
+        "TCP throughput with LightShark >= 0.97 of none",
+        lightshark_ratio >= 0.97,
+        format!("{lightshark_ratio:.2}"),
+    );
+    report.section("1. TCP throughput", body);
+    Ok(())
+}
+
+fn wait_listening(ns: &Netns, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pat = format!(":{port}");
+    while !String::from_utf8_lossy(&ns.exec("ss", &["-Htln"])?.stdout).contains(&pat) {
+        ensure!(Instant::now() < deadline, "nothing listens on {port}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Writes a pcap of `count` 60-byte UDP frames to B (B's MAC and address),
+/// cycling through `flows` source ports and addresses.
+fn write_udp_pcap(path: &Path, pair: &VethPair, count: u64, flows: u32) -> anyhow::Result<()> {
+    let mac = |ns: &Netns, dev: &str| -> anyhow::Result<[u8; 6]> {
+        let out = ns.exec("ip", &["-j", "link", "show", dev])?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let text = v[0]["address"].as_str().context("mac")?;
+        let mut m = [0u8; 6];
+        for (d, p) in m.iter_mut().zip(text.split(':')) {
+            *d = u8::from_str_radix(p, 16)?;
+        }
+        Ok(m)
+    };
+    let (src_mac, dst_mac) = (mac(&pair.a, "va")?, mac(&pair.b, "vb")?);
+    let dst: std::net::Ipv4Addr = B4.parse()?;
+    let mut out = std::io::BufWriter::new(fs::File::create(path)?);
+    out.write_all(&[
+        0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 1, 0, 0, 0,
+    ])?;
+    for i in 0..count {
+        let flow = (i % u64::from(flows)) as u32;
+        // Source 10.201.<hi>.<lo> style addresses from a /16 and ports from
+        // 1024 up give `flows` distinct 5-tuples.
+        let src = [10, 202, (flow >> 16) as u8, (flow >> 8) as u8];
+        let sport = 1024 + (flow & 0xff) as u16 * 250 + ((flow >> 8) & 0xff) as u16 % 250;
+        let mut f = Vec::with_capacity(60);
+        f.extend_from_slice(&dst_mac);
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let ip_start = f.len();
+        f.extend_from_slice(&[0x45, 0, 0, 46, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&dst.octets());
+        let mut sum: u32 = f[ip_start..ip_start + 20]
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        let c = !(sum as u16);
+        f[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&7500u16.to_be_bytes());
+        f.extend_from_slice(&[0, 26, 0, 0]);
+        f.resize(60, 0);
+        out.write_all(&0u32.to_le_bytes())?;
+        out.write_all(&0u32.to_le_bytes())?;
+        out.write_all(&60u32.to_le_bytes())?;
+        out.write_all(&60u32.to_le_bytes())?;
+        out.write_all(&f)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Replays `pcap` from memory on `va`; returns (frames sent, packets/s).
+fn replay(pair: &VethPair, pcap: &Path, rate: Option<u64>) -> anyhow::Result<(u64, f64)> {
+    let speed = rate.map_or("--topspeed".to_owned(), |r| format!("--pps={r}"));
+    let out = pair.a.exec_status(
+        "tcpreplay",
+        &["-K", &speed, "-i", "va", pcap.to_str().context("path")?],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sent = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Successful packets:"))
+        .context("tcpreplay printed no count")?
+        .trim()
+        .parse()?;
+    // "Rated: 4411584.3 Bps, 35.29 Mbps, 73526.40 pps"
+    let pps = text
+        .lines()
+        .find(|l| l.trim().starts_with("Rated:"))
+        .and_then(|l| l.split(',').find(|p| p.trim().ends_with("pps")))
+        .and_then(|p| p.trim().trim_end_matches("pps").trim().parse().ok())
+        .context("tcpreplay printed no rate")?;
+    Ok((sent, pps))
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &stat[stat.rfind(')').context("stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line (11, 12 here).
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    Ok(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
+}
+
+/// A `/proc/PID/status` size field (VmHWM, VmRSS) in MB.
+fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field}"))?;
+    Ok(kb / 1024.0)
+}
+
+fn small_packets(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<()> {
+    let pair = VethPair::new(true)?;
+    let dir = TempDir::new("small")?;
+    // A bound receiver that is never read: datagrams are delivered and then
+    // dropped by its full buffer, with no ICMP errors coming back.
+    let _sink = pair.b.enter(|| UdpSocket::bind((B4, 7500)))??;
+    let pcap = work.path.join("small.pcap");
+    write_udp_pcap(&pcap, &pair, size.small_frames, 256)?;
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut exact = Vec::new();
+    for _ in 0..size.reps {
+        for (i, m) in Monitor::ALL.into_iter().enumerate() {
+            let running = start(m, &pair, &dir, &["--quiet"])?;
+            let before = if let Running::Agent(a) = &running {
+                Some(quiet_stats(a, &pair.b, "vb")?.0)
+            } else {
+                None
+            };
+            let (sent, pps) = replay(&pair, &pcap, None)?;
+            rates[i].push(pps);
+            if let (Running::Agent(a), Some(s0)) = (&running, before) {
+                let (s, _) = quiet_stats(a, &pair.b, "vb")?;
+                let counted = u(&s, &["total_packets"]) - u(&s0, &["total_packets"]);
+                let kept = |v: &Value| {
+                    u(v, &["samples", "stored"])
+                        + u(v, &["samples", "dropped", "ring_buffer_full"])
+                        + u(v, &["samples", "dropped", "writer_backlog"])
+                        + u(v, &["samples", "dropped", "storage_error"])
+                };
+                let drops = u(&s, &["samples", "dropped", "ring_buffer_full"])
+                    + u(&s, &["samples", "dropped", "writer_backlog"])
+                    + u(&s, &["samples", "dropped", "storage_error"]);
+                exact.push((sent, counted, kept(&s) - kept(&s0), drops));
+            }
+        }
+    }
+    let none = spread(&rates[0]).0;
+    let mut body = format!(
+        "`tcpreplay -K --topspeed -i va` of {} 60-byte UDP frames (256 flows) from memory, {} repetitions \
+         of each configuration, interleaved; the rate is tcpreplay's.\n\n| monitor on the receiving veth | packets/s median [min-max] | ratio |\n|---|---|---|\n",
+        size.small_frames, size.reps
+    );
+    let mut ls_ratio = 0.0;
+    for (i, m) in Monitor::ALL.into_iter().enumerate() {
+        let (med, lo, hi) = spread(&rates[i]);
+        if m == Monitor::LightShark {
+            ls_ratio = med / none;
+        }
+        let _ = writeln!(
+            body,
+            "| {} | {:.0} [{:.0}-{:.0}] | {:.2} |",
+            m.label(),
+            med,
+            lo,
+            hi,
+            med / none
+        );
+    }
+    body.push_str("\nLightShark's own count in each repetition (sent = tcpreplay's successful packets):\n\n| sent | counted | history rows + counted drops | of which drops |\n|---|---|---|---|\n");
+    let mut all_exact = true;
+    for (sent, counted, kept, drops) in &exact {
+        all_exact &= sent == counted && sent == kept;
+        let _ = writeln!(body, "| {sent} | {counted} | {kept} | {drops} |");
+    }
+    report.target(
+        "small-packet rate with LightShark >= 0.95 of none",
+        ls_ratio >= 0.95,
+        format!("{ls_ratio:.2}"),
+    );
+    report.target(
+        "counted packets == sent, history rows + drops == sent",
+        all_exact,
+        format!("{} repetitions", exact.len()),
+    );
+
+    // Sustained rate: zero drops, and what the agent costs while it lasts.
+    let frames = size.sustained_pps * size.sustained_seconds;
+    let pcap = work.path.join("sustained.pcap");
+    write_udp_pcap(&pcap, &pair, frames, 256)?;
+    let running = start(Monitor::LightShark, &pair, &dir, &["--quiet"])?;
+    let Running::Agent(agent) = &running else {
+        bail!("no agent")
+    };
+    let (s0, _) = quiet_stats(agent, &pair.b, "vb")?;
+    let pid = agent.pid().context("agent pid")?;
+    let cpu0 = cpu_seconds(pid)?;
+    let (sent, pps) = replay(&pair, &pcap, Some(size.sustained_pps))?;
+    let (s, _) = quiet_stats(agent, &pair.b, "vb")?;
+    let cpu = cpu_seconds(pid)? - cpu0;
+    let rss = status_mb(pid, "VmHWM:")?;
+    let counted = u(&s, &["total_packets"]) - u(&s0, &["total_packets"]);
+    let stored = u(&s, &["samples", "stored"]) - u(&s0, &["samples", "stored"]);
+    let drops = (u(&s, &["ring_buffer_drops"]) - u(&s0, &["ring_buffer_drops"]))
+        + u(&s, &["samples", "dropped", "writer_backlog"])
+        + u(&s, &["samples", "dropped", "storage_error"]);
+    let _ = writeln!(
+        body,
+        "\nSustained: `tcpreplay -K --pps={}` of {frames} frames with LightShark: achieved {pps:.0} packets/s, \
+         sent {sent}, counted {counted}, stored {stored}, dropped {drops}.",
+        size.sustained_pps
+    );
+    report.target(
+        &format!(
+            "zero samples dropped at {} packets/s for {} s",
+            size.sustained_pps, size.sustained_seconds
+        ),
+        drops == 0 && stored == sent && counted == sent,
+        format!("{drops} dropped of {sent}, {pps:.0} packets/s achieved"),
+    );
+    report.section("2. Small-packet rate", body);
+
+    let per_million = cpu / (counted.max(1) as f64 / 1e6);
+    let agent_body = format!(
+        "During the sustained run above ({:.0} packets/s for {} s): the agent used {cpu:.2} CPU seconds, \
+         {per_million:.2} CPU seconds per million packets, and its peak RSS (VmHWM) was {rss:.1} MB.\n",
+        pps, size.sustained_seconds
+    );
+    report.target(
+        "agent peak RSS <= 64 MB at 200k packets/s",
+        rss <= 64.0,
+        format!("{rss:.1} MB"),
+    );
+    report.section("3. Agent cost", agent_body);
+    Ok(())
+}
+
+/// Memory the kernel charges for the agent's BPF maps, by map type.
+fn map_memory(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let (mut flows, mut all) = (0.0, 0.0);
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = fs::read_to_string(entry?.path()).unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+        };
+        if let Some(mem) = field("memlock:").and_then(|m| m.parse::<f64>().ok()) {
+            all += mem;
+            if field("map_type:").as_deref() == Some("1") {
+                flows += mem;
+            }
+        }
+    }
+    Ok((flows / 1048576.0, all / 1048576.0))
+}
+
+/// wrk against `path` in `ns` with `connections` clients for `seconds`;
+/// returns (p50 ms, p99 ms, requests/s, errors).
+fn wrk(
+    ns: &Netns,
+    path: &str,
+    connections: u32,
+    seconds: u32,
+) -> anyhow::Result<(f64, f64, f64, u64)> {
+    let out = ns.exec(
+        "wrk",
+        &[
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            &format!("http://127.0.0.1:{API_PORT}{path}"),
+        ],
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms = |pct: &str| -> anyhow::Result<f64> {
+        let v = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(pct))
+            .with_context(|| format!("wrk printed no {pct}: {text}"))?
+            .trim();
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+        let n: f64 = num.parse()?;
+        Ok(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => bail!("unit {unit}"),
+        })
+    };
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let errors = text
+        .lines()
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .flat_map(|l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse::<u64>().ok())
+        })
+        .sum();
+    Ok((ms("50%")?, ms("99%")?, rps, errors))
+}
+
+fn flow_scale(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<()> {
+    let pair = VethPair::new(true)?;
+    let dir = TempDir::new("flows")?;
+    let _sink = pair.b.enter(|| UdpSocket::bind((B4, 7500)))??;
+    let pcap = work.path.join("flows.pcap");
+    write_udp_pcap(&pcap, &pair, u64::from(size.flows) * 2, size.flows)?;
+    let running = start(
+        Monitor::LightShark,
+        &pair,
+        &dir,
+        &["--quiet", "--connection-timeout", "600"],
+    )?;
+    let Running::Agent(agent) = &running else {
+        bail!("no agent")
+    };
+    replay(&pair, &pcap, Some(50_000))?;
+    let (stats, _) = quiet_stats(agent, &pair.b, "vb")?;
+    let active = u(&stats, &["active_connections"]);
+    let pid = agent.pid().context("pid")?;
+    let (p50, p99, rps, errors) = wrk(&pair.b, "/api/live", 32, size.latency_seconds)?;
+    let rss = status_mb(pid, "VmHWM:")?;
+    let (flow_mem, all_mem) = map_memory(pid)?;
+    let body = format!(
+        "{} concurrent flows (distinct source address and port) replayed into the monitored veth; \
+         the agent then held {active} active connections.\n\n| measure | value |\n|---|---|\n\
+         | agent peak RSS (VmHWM) | {rss:.1} MB |\n| kernel flow map memory (memlock) | {flow_mem:.1} MB |\n\
+         | all kernel maps (flow map, ring buffer, counters) | {all_mem:.1} MB |\n\
+         | `/api/live` p50 / p99, `wrk -t2 -c32 -d{}s --latency` | {p50:.2} ms / {p99:.2} ms |\n\
+         | `/api/live` requests/s, errors | {rps:.0}, {errors} |\n",
+        size.flows, size.latency_seconds
+    );
+    report.target(
+        "`/api/live` p99 <= 5 ms with 100k flows, 32 clients",
+        p99 <= 5.0 && errors == 0,
+        format!("{p99:.2} ms"),
+    );
+    report.section("4. Flow scale", body);
+    Ok(())
+}
+
+fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<()> {
+    let db = work.path.join("store.db");
+    let (store, conn) = SampleStore::open(&db)?;
+    drop(store);
+    let queue = Arc::new(ReaderStats::default());
+    let stats = Arc::new(WriterStats::default());
+    let (tx, rx) = mpsc::channel();
+    let writer = Writer::spawn(WriterSetup {
+        conn,
+        input: rx,
+        queue: queue.clone(),
+        stats: stats.clone(),
+        retention: None,
+    });
+    let base_ns = WallClock::kernel_now_ns();
+    let started = Instant::now();
+    let mut made = 0u64;
+    while made < size.store_rows {
+        // Keep the queue within what the agent allows, like its reader does.
+        while queue.queued.samples() > lightshark::samples::MAX_QUEUED / 2 {
+            thread::sleep(Duration::from_micros(200));
+        }
+        let n = (size.store_rows - made).min(8192);
+        let samples: Vec<Sample> = (made..made + n)
+            .map(|i| {
+                let mut key = FlowKey {
+                    family: FAMILY_IPV4,
+                    protocol: 17,
+                    src_port: (i % 60000) as u16,
+                    dst_port: 443,
+                    ifindex: 2,
+                    ..FlowKey::default()
+                };
+                key.src_addr[..4].copy_from_slice(&[10, 0, (i >> 8) as u8, i as u8]);
+                key.dst_addr[..4].copy_from_slice(&[10, 1, 0, 1]);
+                Sample {
+                    timestamp_ns: base_ns + i * 1000,
+                    key,
+                    wire_len: 60,
+                    segments: 1,
+                    direction: 0,
+                    _pad1: 0,
+                    _pad4: 0,
+                }
+            })
+            .collect();
+        queue.queued.add(n, n);
+        tx.send(Batch {
+            clock: WallClock::now(),
+            samples,
+        })?;
+        made += n;
+    }
+    drop(tx);
+    writer.finish();
+    let secs = started.elapsed().as_secs_f64();
+    let stored = stats.stored.samples();
+    ensure!(
+        stored == size.store_rows,
+        "stored {stored} of {}",
+        size.store_rows
+    );
+    let rate = stored as f64 / secs;
+    {
+        let c = rusqlite::Connection::open(&db)?;
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    let bytes = fs::metadata(&db)?.len();
+    let per_row = bytes as f64 / stored as f64;
+
+    // /api/history?limit=1000 on that database, through the real agent.
+    let pair = VethPair::new(true)?;
+    let dir = TempDir::new("hist")?;
+    let agent = Agent::start_with_db(&pair.b, "vb", &dir, &db, &["--quiet"])?;
+    let (p50, p99, rps, errors) = wrk(&pair.b, "/api/history?limit=1000", 8, size.latency_seconds)?;
+    drop(agent);
+    let body = format!(
+        "The agent's own writer (`store::Writer`: one thread, prepared statement, batched transactions, \
+         WAL) fed {stored} synthetic samples as fast as it takes them.\n\n| measure | value |\n|---|---|\n\
+         | sustained ingest | {rate:.0} rows/s ({secs:.1} s) |\n| bytes per stored sample (file size / rows, index included) | {per_row:.1} |\n\
+         | `/api/history?limit=1000` p50 / p99 with {stored} rows, `wrk -t2 -c8 -d{}s --latency` | {p50:.2} ms / {p99:.2} ms |\n\
+         | `/api/history?limit=1000` requests/s, errors | {rps:.0}, {errors} |\n",
+        size.latency_seconds
+    );
+    report.target(
+        "SQLite ingest >= 300k rows/s",
+        rate >= 300_000.0,
+        format!("{rate:.0} rows/s"),
+    );
+    report.section("5. Storage", body);
+    Ok(())
+}
