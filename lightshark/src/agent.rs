@@ -2,14 +2,12 @@
 //! the order that loses nothing: detach, drain the ring, commit, exit.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
     sync::{mpsc, Arc},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use tokio::{
-    net::TcpListener,
     signal::unix::{signal, SignalKind},
     sync::watch,
 };
@@ -41,10 +39,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port));
-    let listener = runtime
-        .block_on(TcpListener::bind(addr))
-        .with_context(|| format!("cannot listen on port {} (--port)", config.port))?;
+    let listener = runtime.block_on(api::listen(config.bind, config.port))?;
+    let addr = listener.local_addr().context("the API socket's address")?;
 
     let (capture, maps) = Capture::start(&iface, &config)?;
     let reader_stats = Arc::new(ReaderStats::default());
@@ -56,6 +52,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         queue: reader_stats.clone(),
         stats: writer_stats.clone(),
         retention: config.data_retention,
+        max_size: config.max_db_size,
     });
     let reader = Reader::spawn(maps.samples, to_writer, reader_stats.clone());
     let live = Arc::new(LiveState::default());
@@ -76,21 +73,33 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         started,
         feed: Feed::default(),
         live_cache: Default::default(),
+        token: config.api_token.clone(),
     });
     log::info!(
         "API on http://{addr}/api/ (health, live, stats, history, stream); history in {}",
         config.db_path.display()
     );
 
-    let signal_name = runtime.block_on(async {
+    let stop = runtime.block_on(async {
         let (stop_api, api_stopped) = watch::channel(false);
         let server = tokio::spawn(api::serve(listener, state, api_stopped));
-        let name = wait_for_signal().await;
+        let stop = tokio::select! {
+            signal = wait_for_signal() => signal.map(Stop::Signal),
+            () = interface_gone(&iface) => Ok(Stop::InterfaceGone),
+        };
         let _ = stop_api.send(true);
         let _ = server.await;
-        name
+        stop
     })?;
-    log::info!("{signal_name}: detaching and writing every pending sample");
+    match stop {
+        Stop::Signal(name) => log::info!("{name}: detaching and writing every pending sample"),
+        Stop::InterfaceGone => log::error!(
+            "interface {} (index {}) is gone; writing every pending sample and exiting so \
+             that the monitor is restarted when the interface is back",
+            iface.name,
+            iface.index
+        ),
+    }
     capture.stop();
     reader.finish();
     writer.finish();
@@ -100,7 +109,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         writer_stats.stored.samples(),
         config.db_path.display()
     );
-    Ok(())
+    match stop {
+        Stop::Signal(_) => Ok(()),
+        Stop::InterfaceGone => anyhow::bail!("interface {} disappeared", iface.name),
+    }
+}
+
+/// Why the agent stops.
+enum Stop {
+    Signal(&'static str),
+    InterfaceGone,
+}
+
+/// Returns once the watched interface no longer exists under its name and
+/// index. A deleted interface takes the hooks with it, so there is nothing
+/// left to count; checked once a second.
+async fn interface_gone(iface: &interface::Interface) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if !interface::still_there(iface) {
+            return;
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {

@@ -3,7 +3,7 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -48,6 +48,47 @@ pub struct ApiState {
     pub feed: Feed,
     /// The default `/api/live` body and the snapshot it was rendered from.
     pub live_cache: Mutex<Option<(Arc<Snapshot>, Bytes)>>,
+    /// `--api-token`: when set, every endpoint but /api/health wants it.
+    pub token: Option<String>,
+}
+
+/// Listens on `bind`, or on all addresses: IPv6 and IPv4 together where the
+/// host has IPv6 (the usual pod), IPv4 alone where it has not.
+pub async fn listen(bind: Option<IpAddr>, port: u16) -> anyhow::Result<TcpListener> {
+    let named = |addr: SocketAddr, e: std::io::Error| {
+        anyhow::Error::new(e).context(format!("cannot listen on {addr} (--bind, --port)"))
+    };
+    if let Some(ip) = bind {
+        let addr = SocketAddr::new(ip, port);
+        return TcpListener::bind(addr).await.map_err(|e| named(addr, e));
+    }
+    let any6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    match TcpListener::bind(any6).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(named(any6, e)),
+        Err(_) => {
+            let any4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
+            TcpListener::bind(any4).await.map_err(|e| named(any4, e))
+        }
+    }
+}
+
+/// Whether the request carries the token (`Authorization: Bearer ...`),
+/// compared in constant time so the answer's timing tells nothing about it.
+fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
+    let Some(token) = &state.token else {
+        return true;
+    };
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .any(|given| constant_time_eq(given, token.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    // Only the length can differ in time, and it is not the secret.
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -81,9 +122,14 @@ pub async fn serve(
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
+            // Bounded requests: 32 headers and a 64 KiB head at most (a GET
+            // of this API needs a fraction of either); a query value up to
+            // that size still gets a JSON 400 from the handler.
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
+                .max_headers(32)
+                .max_buf_size(64 << 10)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
                 .await;
@@ -106,6 +152,17 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     let query = req.uri().query().unwrap_or("").to_owned();
     if !ROUTES.contains(&path.as_str()) {
         return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
+    }
+    if path != "/api/health" && !authorized(state, req.headers()) {
+        let mut reply = error(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs the API token: Authorization: Bearer <token>".into(),
+        );
+        reply.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return reply;
     }
     if req.method() != Method::GET {
         let mut reply = error(
@@ -277,6 +334,10 @@ fn stats(state: &ApiState) -> Value {
         "egress": { "packets": t.egress_packets, "bytes": t.egress_bytes },
         "non_ip": non_ip,
         "flow_map_full_packets": t.flow_map_full,
+        "history_deleted": {
+            "retention": state.writer.deleted_by_retention.load(std::sync::atomic::Ordering::Relaxed),
+            "size_cap": state.writer.deleted_by_size_cap.load(std::sync::atomic::Ordering::Relaxed),
+        },
         "filtered_out_packets": t.filtered_out,
         "samples": ledger(state, Tally::samples, t.samples, t.ringbuf_drops),
         // The same ledger in wire segments: a GSO packet is one sample of
@@ -382,6 +443,14 @@ fn error(status: StatusCode, message: String) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_compare_equal_only_when_identical() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
 
     #[test]
     fn limit_takes_only_whole_numbers_in_range() {

@@ -151,7 +151,14 @@ impl Capture {
             return;
         }
         if self.added_qdisc {
-            if let Err(e) = delete_clsact(self.interface.index) {
+            // A deleted interface took the qdisc with it.
+            if let Err(e) = delete_clsact(self.interface.index).or_else(|e| {
+                if e.raw_os_error() == Some(libc::ENODEV) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }) {
                 log::warn!(
                     "could not remove the clsact qdisc from {}: {e}",
                     self.interface.name

@@ -32,6 +32,9 @@ never matches --filter-port.
 Config file (-c): YAML with the same settings, keyed by each flag's long name
 with underscores; a flag given on the command line wins over the file:
   interface: eth0
+  bind: 0.0.0.0
+  api_token: s3cret
+  max_db_size: 1073741824
   port: 3000
   db_path: /data/traffic.db
   filter_port: 80
@@ -55,6 +58,25 @@ struct Cli {
     /// else the first up non-loopback one]
     #[arg(short, long, value_name = "NAME")]
     interface: Option<String>,
+
+    /// Address the API listens on [default: all addresses, IPv6 and IPv4]
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<IpAddr>,
+
+    /// Require `Authorization: Bearer TOKEN` on every endpoint but
+    /// /api/health (also from the environment)
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "LIGHTSHARK_API_TOKEN",
+        hide_env_values = true
+    )]
+    api_token: Option<String>,
+
+    /// Largest size of the database file in bytes; the oldest history is
+    /// deleted beyond it; 0 turns the cap off [default: 1073741824]
+    #[arg(long, value_name = "BYTES")]
+    max_db_size: Option<u64>,
 
     /// TCP port of the HTTP API [default: 3000]
     #[arg(short, long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
@@ -123,6 +145,11 @@ pub struct Filter {
 pub struct Config {
     /// None: choose one at start (see `interface::resolve`).
     pub interface: Option<String>,
+    /// None: all addresses (IPv6 and IPv4 where the host has IPv6).
+    pub bind: Option<IpAddr>,
+    pub api_token: Option<String>,
+    /// None: no cap.
+    pub max_db_size: Option<u64>,
     pub port: u16,
     pub db_path: PathBuf,
     pub filter: Filter,
@@ -151,6 +178,13 @@ impl Config {
 fn merge(flags: Cli, file: Cli) -> Config {
     Config {
         interface: flags.interface.or(file.interface),
+        bind: flags.bind.or(file.bind),
+        api_token: flags.api_token.or(file.api_token),
+        max_db_size: match flags.max_db_size.or(file.max_db_size) {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some(DEFAULT_MAX_DB_SIZE),
+        },
         port: flags.port.or(file.port).unwrap_or(3000),
         db_path: flags
             .db_path
@@ -190,6 +224,9 @@ fn merge(flags: Cli, file: Cli) -> Config {
 /// The YAML keys, in the order `--help` lists them.
 const KEYS: &[&str] = &[
     "interface",
+    "bind",
+    "api_token",
+    "max_db_size",
     "port",
     "db_path",
     "filter_port",
@@ -229,6 +266,21 @@ fn parse_yaml(text: &str) -> anyhow::Result<Cli> {
         }
         match key.as_str() {
             "interface" => cli.interface = Some(text_value(&key, &value)?),
+            "bind" => {
+                let text = text_value(&key, &value)?;
+                cli.bind = Some(text.parse().map_err(|_| {
+                    anyhow::anyhow!("{key}: {text:?} is not an IPv4 or IPv6 address")
+                })?);
+            }
+            "api_token" => cli.api_token = Some(text_value(&key, &value)?),
+            "max_db_size" => {
+                cli.max_db_size = Some(value.as_u64().with_context(|| {
+                    format!(
+                        "{key}: expected a number of bytes (0 for no cap), found {}",
+                        describe(&value)
+                    )
+                })?)
+            }
             "port" => cli.port = Some(port_value(&key, &value)?),
             "db_path" => cli.db_path = Some(PathBuf::from(text_value(&key, &value)?)),
             "filter_port" => cli.filter_port = Some(port_value(&key, &value)?),
@@ -328,6 +380,9 @@ const MIN_RING: u64 = 4096;
 const MAX_RING: u64 = 1 << 30;
 const DEFAULT_RING_BUFFER: u32 = 8 << 20;
 const DEFAULT_FLOW_MAP: u32 = 131_072;
+/// 1 GiB: a month of a busy service's history at a few hundred packets a
+/// second, and small next to a node's disk.
+pub const DEFAULT_MAX_DB_SIZE: u64 = 1 << 30;
 
 fn ring_size_ok(n: u64) -> bool {
     n.is_power_of_two() && (MIN_RING..=MAX_RING).contains(&n)

@@ -84,6 +84,16 @@ pub fn resolve(requested: Option<&str>) -> anyhow::Result<Interface> {
     Ok(Interface { name, index, kind })
 }
 
+/// Whether the interface still exists with the same name and index (a
+/// new interface of the same name is another device, without our hooks).
+pub fn still_there(iface: &Interface) -> bool {
+    let Ok(name) = std::ffi::CString::new(iface.name.as_str()) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated name.
+    unsafe { libc::if_nametoindex(name.as_ptr()) == iface.index }
+}
+
 fn names(all: &[(u32, String)]) -> String {
     all.iter()
         .map(|(_, n)| n.as_str())

@@ -8,6 +8,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{
+        atomic::{AtomicU64, Ordering},
         mpsc::{Receiver, RecvTimeoutError, TryRecvError},
         Arc, Mutex,
     },
@@ -43,6 +44,9 @@ pub struct WriterStats {
     pub storage_dropped: Tally,
     /// Taken from the queue and not yet committed or dropped.
     pub in_flight: Tally,
+    /// Stored rows deleted later, by `--data-retention` and by `--max-db-size`.
+    pub deleted_by_retention: AtomicU64,
+    pub deleted_by_size_cap: AtomicU64,
 }
 
 /// One stored sample as the API returns it.
@@ -190,6 +194,9 @@ pub struct WriterSetup {
     pub stats: Arc<WriterStats>,
     /// Delete rows older than this, if set (`--data-retention`).
     pub retention: Option<Duration>,
+    /// Delete the oldest rows while the database holds more than this many
+    /// bytes, if set (`--max-db-size`).
+    pub max_size: Option<u64>,
 }
 
 impl Writer {
@@ -211,9 +218,9 @@ impl Writer {
 
 /// How long the writer waits for samples before looking at retention.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
-/// Rows deleted per retention step: small enough that a step takes a few
-/// milliseconds, so sample writes between steps never wait long.
-const RETENTION_BATCH: i64 = 5_000;
+/// Rows deleted per housekeeping step: small enough that a step takes a
+/// few milliseconds, so sample writes between steps never wait long.
+const DELETE_BATCH: usize = 5_000;
 
 fn write_loop(setup: WriterSetup) {
     let WriterSetup {
@@ -222,30 +229,71 @@ fn write_loop(setup: WriterSetup) {
         queue,
         stats,
         retention,
+        max_size,
     } = setup;
     let mut failing = ErrorLog::default();
-    // Retention runs at start (old rows from earlier runs) and then at most
-    // once a second, and keeps going step by step while steps come back full.
-    let mut retention_due = Instant::now();
+    // Housekeeping runs at start (old rows from earlier runs) and then at
+    // most once a second, and keeps going step by step, between sample
+    // commits, while there is more to delete.
+    let mut housekeeping_due = Instant::now();
     loop {
-        match input.recv_timeout(IDLE_WAKE) {
+        // With deleting still to do, only look for samples, never wait.
+        let wait = housekeeping_due
+            .saturating_duration_since(Instant::now())
+            .min(IDLE_WAKE);
+        match input.recv_timeout(wait) {
             Ok(first) => commit(&conn, first, &input, &queue, &stats, &mut failing),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        if let Some(keep) = retention {
-            if Instant::now() >= retention_due {
-                match trim(&conn, keep) {
-                    Ok(n) if n == RETENTION_BATCH as usize => {}
-                    Ok(_) => retention_due = Instant::now() + IDLE_WAKE,
-                    Err(e) => {
-                        failing.report(format_args!("could not delete old history: {e:#}"));
-                        retention_due = Instant::now() + IDLE_WAKE;
-                    }
+        if Instant::now() >= housekeeping_due {
+            match housekeeping(&conn, retention, max_size, &stats) {
+                Ok(true) => {}
+                Ok(false) => housekeeping_due = Instant::now() + IDLE_WAKE,
+                Err(e) => {
+                    failing.report(format_args!("could not delete old history: {e:#}"));
+                    housekeeping_due = Instant::now() + IDLE_WAKE;
                 }
             }
         }
     }
+}
+
+/// One step of deleting what retention and the size cap want gone, oldest
+/// first; returns whether more may be left to delete.
+fn housekeeping(
+    conn: &Connection,
+    retention: Option<Duration>,
+    max_size: Option<u64>,
+    stats: &WriterStats,
+) -> rusqlite::Result<bool> {
+    if let Some(keep) = retention {
+        let n = delete_oldest(conn, WallClock::now_unix_ms() - keep.as_millis() as i64)?;
+        stats
+            .deleted_by_retention
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if n == DELETE_BATCH {
+            return Ok(true);
+        }
+    }
+    if let Some(cap) = max_size {
+        if used_bytes(conn)? > cap {
+            let n = delete_oldest(conn, i64::MAX)?;
+            stats
+                .deleted_by_size_cap
+                .fetch_add(n as u64, Ordering::Relaxed);
+            return Ok(n > 0);
+        }
+    }
+    Ok(false)
+}
+
+/// Bytes of the database in use: its pages less the free ones, which new
+/// rows reuse before the file grows.
+fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+    let pragma = |name: &str| conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
+    let pages = pragma("page_count")? - pragma("freelist_count")?;
+    Ok((pages.max(0) as u64) * pragma("page_size")? as u64)
 }
 
 /// Commits `first` and whatever else is queued, up to a transaction's worth.
@@ -304,14 +352,14 @@ impl ErrorLog {
     }
 }
 
-/// Deletes up to one batch of rows older than `keep`; returns how many.
-fn trim(conn: &Connection, keep: Duration) -> rusqlite::Result<usize> {
-    let cutoff = WallClock::now_unix_ms() - keep.as_millis() as i64;
+/// Deletes up to [`DELETE_BATCH`] of the oldest rows stamped before
+/// `before_ms`; returns how many.
+fn delete_oldest(conn: &Connection, before_ms: i64) -> rusqlite::Result<usize> {
     conn.prepare_cached(
         "DELETE FROM samples WHERE id IN
              (SELECT id FROM samples WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
     )?
-    .execute(params![cutoff, RETENTION_BATCH])
+    .execute(params![before_ms, DELETE_BATCH as i64])
 }
 
 fn insert(conn: &Connection, batches: &[Batch]) -> anyhow::Result<()> {

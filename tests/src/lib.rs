@@ -296,6 +296,7 @@ impl Drop for TempDir {
 pub struct Agent {
     child: Option<Child>,
     ns_name: String,
+    port: u16,
     pub db_path: PathBuf,
     pub log_path: PathBuf,
     http: ureq::Agent,
@@ -323,15 +324,59 @@ impl Agent {
         db_path: &Path,
         extra: &[&str],
     ) -> anyhow::Result<Agent> {
+        Agent::start_on(ns, dev, dir, db_path, API_PORT, extra)
+    }
+
+    /// [`Agent::start`] with extra environment variables.
+    pub fn start_with_env(
+        ns: &Netns,
+        dev: &str,
+        dir: &TempDir,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        Agent::spawn(
+            ns,
+            dev,
+            dir,
+            &dir.path.join("traffic.db"),
+            API_PORT,
+            env,
+            extra,
+        )
+    }
+
+    /// [`Agent::start_with_db`] with the API on `port`.
+    pub fn start_on(
+        ns: &Netns,
+        dev: &str,
+        dir: &TempDir,
+        db_path: &Path,
+        port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        Agent::spawn(ns, dev, dir, db_path, port, &[], extra)
+    }
+
+    fn spawn(
+        ns: &Netns,
+        dev: &str,
+        dir: &TempDir,
+        db_path: &Path,
+        port: u16,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
         let db_path = db_path.to_owned();
-        let log_path = dir.path.join("agent.log");
+        let log_path = dir.path.join(format!("agent-{port}.log"));
         let log = fs::File::create(&log_path)?;
-        let port = API_PORT.to_string();
+        let port_arg = port.to_string();
         let child = ns
             .command(agent_binary().to_str().context("binary path")?)
-            .args(["--interface", dev, "--port", &port, "--db-path"])
+            .args(["--interface", dev, "--port", &port_arg, "--db-path"])
             .arg(&db_path)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -344,6 +389,7 @@ impl Agent {
         let mut agent = Agent {
             child: Some(child),
             ns_name: ns.name.clone(),
+            port,
             db_path,
             log_path,
             http,
@@ -373,15 +419,35 @@ impl Agent {
     /// GET `path` on the agent's API, from inside its namespace; returns
     /// the status and the parsed JSON body.
     pub fn get(&self, ns: &Netns, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.request(ns, "GET", path, &[])
+    }
+
+    /// Any method on `path` with extra headers; status and JSON body.
+    pub fn request(
+        &self,
+        ns: &Netns,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, Value)> {
         assert_eq!(ns.name, self.ns_name, "the agent runs in another namespace");
-        let url = format!("http://127.0.0.1:{API_PORT}{path}");
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
         let http = self.http.clone();
+        let mut req = ureq::http::Request::builder().method(method).uri(&url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(())?;
         ns.enter(move || -> anyhow::Result<(u16, Value)> {
-            let mut resp = http.get(&url).call()?;
+            let mut resp = http.run(req)?;
             let status = resp.status().as_u16();
             let body = resp.body_mut().read_to_string()?;
-            let json = serde_json::from_str(&body)
-                .with_context(|| format!("{url} answered non-JSON: {body}"))?;
+            let json = if body.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&body)
+                    .with_context(|| format!("{url} answered non-JSON: {body}"))?
+            };
             Ok((status, json))
         })?
     }
@@ -476,19 +542,11 @@ pub fn udp_burst(
     let mut buf = [0u8; 65536];
     for _ in 0..count {
         sender.send_to(&data, dst_addr)?;
-        // Receive as we go so no socket buffer overflows.
-        while let Ok(n) = receiver.recv(&mut buf) {
+        // One received per one sent, so no socket buffer overflows; a lost
+        // datagram costs the read timeout and shows in the count.
+        if let Ok(n) = receiver.recv(&mut buf) {
             ensure!(n == payload, "received {n} bytes, sent {payload}");
             got += 1;
-            if got % 64 != 0 {
-                break;
-            }
-        }
-    }
-    while got < count {
-        match receiver.recv(&mut buf) {
-            Ok(_) => got += 1,
-            Err(_) => break,
         }
     }
     Ok(got)

@@ -653,6 +653,7 @@ fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<(
         queue: queue.clone(),
         stats: stats.clone(),
         retention: None,
+        max_size: None,
     });
     let base_ns = WallClock::kernel_now_ns();
     let started = Instant::now();
