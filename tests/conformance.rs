@@ -183,7 +183,7 @@ fn replay_one(name: &str) -> anyhow::Result<Row> {
         String::from_utf8_lossy(&out.stderr)
     );
     let (stats, _) = quiet_stats(&agent, &pair.b, "vb")?;
-    let live = live_flows(&agent.get_ok(&pair.b, "/api/live?limit=100000")?)?;
+    let live = live_flows(&agent.get_ok(&pair.b, "/api/live?limit=10000")?)?;
     let rows = agent.get_ok(&pair.b, "/api/history?limit=10000")?;
     let history = history_flows(rows.as_array().context("history array")?)?;
 

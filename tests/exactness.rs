@@ -52,7 +52,7 @@ fn paced_transfer(offload: bool) -> anyhow::Result<(u64, u64, u64, u64)> {
         thread::sleep(Duration::from_millis(50));
     }
     let (stats0, _) = quiet_stats(&agent, &pair.b, "vb")?;
-    let live0 = live_flows(&agent.get_ok(&pair.b, "/api/live?limit=100000")?)?;
+    let live0 = live_flows(&agent.get_ok(&pair.b, "/api/live?limit=10000")?)?;
     let segs0 = tcp_out_segs(&pair.a)?;
     pair.a.exec(
         "iperf3",
@@ -65,7 +65,7 @@ fn paced_transfer(offload: bool) -> anyhow::Result<(u64, u64, u64, u64)> {
         u(&stats, &["ring_buffer_drops"]) == u(&stats0, &["ring_buffer_drops"]),
         "samples dropped"
     );
-    let live = live_flows(&agent.get_ok(&pair.b, "/api/live?limit=100000")?)?;
+    let live = live_flows(&agent.get_ok(&pair.b, "/api/live?limit=10000")?)?;
     let (mut packets, mut bytes) = (0, 0);
     for (id, (p, b)) in &live {
         if id.starts_with(&format!("6 {A4} ")) && id.ends_with(&format!("{B4} 5201")) {

@@ -380,3 +380,78 @@ fn transfers_arrive_identical_and_a_later_tc_program_sees_every_packet() -> anyh
     );
     Ok(())
 }
+
+#[test]
+fn filters_left_by_a_killed_legacy_agent_are_removed_on_the_next_start() -> anyhow::Result<()> {
+    let pair = VethPair::new(false)?;
+    let dir = TempDir::new("orphan")?;
+    let filters = |hook: &str| -> anyhow::Result<usize> {
+        let out = pair.b.exec("tc", &["filter", "show", "dev", "vb", hook])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("ls_eth_"))
+            .count())
+    };
+    let mut first = Agent::start(&pair.b, "vb", &dir, &["--attach-mode", "tc"])?;
+    first.stop(libc::SIGKILL)?;
+    ensure!(
+        filters("ingress")? == 1 && filters("egress")? == 1,
+        "SIGKILL left no filters to clean up"
+    );
+
+    let mut second = Agent::start(&pair.b, "vb", &dir, &["--attach-mode", "tc"])?;
+    ensure!(
+        filters("ingress")? == 1 && filters("egress")? == 1,
+        "the old filters are still attached beside the new ones"
+    );
+    ensure!(
+        second.log().contains("left on vb by an earlier agent"),
+        "no log line: {}",
+        second.log()
+    );
+    let exit = second.stop(libc::SIGTERM)?;
+    ensure!(exit.code == Some(0), "{}", exit.log);
+    let qdiscs = pair.b.exec("tc", &["qdisc", "show", "dev", "vb"])?;
+    ensure!(
+        !String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"),
+        "clsact left behind"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_while_attaching_still_cleans_up() -> anyhow::Result<()> {
+    let pair = VethPair::new(false)?;
+    let dir = TempDir::new("early")?;
+    for _ in 0..5 {
+        let mut child = pair
+            .b
+            .command(agent_binary().to_str().context("path")?)
+            .args(["-i", "vb", "--attach-mode", "tc", "--db-path"])
+            .arg(dir.path.join("early.db"))
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        // Signal as soon as the qdisc appears, in the middle of attaching.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let q = pair.b.exec("tc", &["qdisc", "show", "dev", "vb"])?;
+            if String::from_utf8_lossy(&q.stdout).contains("clsact") {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "the agent never added its qdisc");
+        }
+        // SAFETY: SIGTERM to the agent we spawned.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait()?;
+        ensure!(
+            status.code() == Some(0),
+            "exit {status} when stopped while attaching"
+        );
+        let q = pair.b.exec("tc", &["qdisc", "show", "dev", "vb"])?;
+        ensure!(
+            !String::from_utf8_lossy(&q.stdout).contains("clsact"),
+            "clsact left behind"
+        );
+    }
+    Ok(())
+}

@@ -138,7 +138,8 @@ fn hostile_requests_get_json_4xx_and_the_agent_keeps_serving() -> anyhow::Result
     }
     for query in [
         "/api/history?limit=0".to_owned(),
-        "/api/history?limit=%31".to_owned(),
+        "/api/history?limit=1&limit=2".to_owned(),
+        "/api/history?limit=%30".to_owned(),
         "/api/history?limit=1&limit=abc".to_owned(),
         "/api/history?limit=1e3".to_owned(),
         format!("/api/history?limit={long}"),

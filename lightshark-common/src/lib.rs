@@ -22,6 +22,9 @@ pub const NONIP_LLC: u16 = 0;
 /// Key of the non-IP counters for frames too short to hold a link-layer type
 /// or whose IP header cannot be read at all.
 pub const NONIP_RUNT: u16 = 1;
+/// Key of the non-IP counters for ethertypes that found the map full; the
+/// agent creates it at load, so the breakdown always adds up to the total.
+pub const NONIP_OTHER: u16 = 2;
 
 /// Name of the per-flow hash map in the kernel object.
 pub const MAP_FLOWS: &str = "FLOWS";

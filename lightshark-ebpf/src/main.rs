@@ -25,7 +25,8 @@ use aya_ebpf::{
 };
 use lightshark_common::{
     Counter, Filter, FlowKey, FlowStats, Sample, Totals, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL, NONIP_LLC, NONIP_RUNT,
+    FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL, NONIP_LLC, NONIP_OTHER,
+    NONIP_RUNT,
 };
 
 /// Sizes here are defaults; the agent sets the real ones at load time.
@@ -266,9 +267,16 @@ fn count_nonip(ethertype: u16, segs: u64, wire: u64) {
         packets: segs,
         bytes: wire,
     };
-    // A full map (over 1024 distinct ethertypes) still leaves the frame in
-    // the non-IP totals.
-    let _ = NONIP.insert(ethertype, &fresh, BPF_NOEXIST as u64);
+    if NONIP.insert(ethertype, &fresh, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    // The map is full (over a thousand distinct ethertypes): count the frame
+    // under "other", which the agent created at load.
+    if let Some(c) = NONIP.get_ptr_mut(NONIP_OTHER) {
+        let c = unsafe { &mut *c };
+        c.packets += segs;
+        c.bytes += wire;
+    }
 }
 
 #[inline(always)]

@@ -41,6 +41,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let listener = runtime.block_on(api::listen(config.bind, config.port))?;
     let addr = listener.local_addr().context("the API socket's address")?;
+    // Handlers first: a signal that arrives while attaching is then acted on
+    // once attaching is done, with the full cleanup, instead of killing the
+    // process halfway.
+    let mut signals = runtime.block_on(async { Signals::install() })?;
+    raise_fd_limit();
 
     let (capture, maps) = Capture::start(&iface, &config)?;
     let reader_stats = Arc::new(ReaderStats::default());
@@ -65,9 +70,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         live.clone(),
         config.connection_timeout,
     );
+    let store = Arc::new(store);
+    let store_for_shutdown = store.clone();
     let state = Arc::new(ApiState {
         live,
-        store: Arc::new(store),
+        store,
         reader: reader_stats,
         writer: writer_stats.clone(),
         started,
@@ -76,21 +83,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         token: config.api_token.clone(),
     });
     log::info!(
-        "API on http://{addr}/api/ (health, live, stats, history, stream); history in {}",
-        config.db_path.display()
+        "API on http://{addr}: /api/health /api/live /api/stats /api/history /api/stream{}",
+        if config.api_token.is_some() {
+            " (token required)"
+        } else {
+            ""
+        }
     );
+    log::info!("{}", describe_settings(&config));
 
     let stop = runtime.block_on(async {
         let (stop_api, api_stopped) = watch::channel(false);
         let server = tokio::spawn(api::serve(listener, state, api_stopped));
         let stop = tokio::select! {
-            signal = wait_for_signal() => signal.map(Stop::Signal),
-            () = interface_gone(&iface) => Ok(Stop::InterfaceGone),
+            name = signals.next() => Stop::Signal(name),
+            () = interface_gone(&iface) => Stop::InterfaceGone,
         };
         let _ = stop_api.send(true);
         let _ = server.await;
         stop
-    })?;
+    });
     match stop {
         Stop::Signal(name) => log::info!("{name}: detaching and writing every pending sample"),
         Stop::InterfaceGone => log::error!(
@@ -102,10 +114,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     capture.stop();
     reader.finish();
+    // Readers closed first, so that the writer's connection is the last and
+    // its checkpoint leaves traffic.db complete on its own.
+    store_for_shutdown.close_readers();
     writer.finish();
     poller.finish();
     log::info!(
-        "stopped; {} samples stored in {}",
+        "stopped; {} samples stored in {} during this run",
         writer_stats.stored.samples(),
         config.db_path.display()
     );
@@ -113,6 +128,37 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         Stop::Signal(_) => Ok(()),
         Stop::InterfaceGone => anyhow::bail!("interface {} disappeared", iface.name),
     }
+}
+
+/// The settings that shape what is counted and kept, for the start log.
+fn describe_settings(config: &Config) -> String {
+    let f = &config.filter;
+    let mut filters = Vec::new();
+    if let Some(p) = f.port {
+        filters.push(format!("port {p}"));
+    }
+    if let Some(ip) = f.ip {
+        filters.push(format!("address {ip}"));
+    }
+    if let Some(p) = f.protocol {
+        filters.push(format!("protocol {}", crate::wire::protocol_name(p)));
+    }
+    format!(
+        "history in {}; filter: {}; idle flows removed after {} s; retention: {}; size cap: {}",
+        config.db_path.display(),
+        if filters.is_empty() {
+            "none".to_owned()
+        } else {
+            filters.join(" and ")
+        },
+        config.connection_timeout.as_secs(),
+        config
+            .data_retention
+            .map_or("off".to_owned(), |d| format!("{} s", d.as_secs())),
+        config
+            .max_db_size
+            .map_or("off".to_owned(), |b| format!("{b} bytes")),
+    )
 }
 
 /// Why the agent stops.
@@ -134,11 +180,42 @@ async fn interface_gone(iface: &interface::Interface) {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// The signals that stop the agent gracefully.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; from here on SIGTERM and SIGINT are queued for
+    /// [`Signals::next`] instead of ending the process.
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Raises the open-file limit to its hard maximum: every API client is a
+/// file descriptor, and running out must not starve the database readers.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }

@@ -14,7 +14,7 @@ use hyper::{
     header, Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use lightshark_common::{NONIP_LLC, NONIP_RUNT};
+use lightshark_common::{NONIP_LLC, NONIP_OTHER, NONIP_RUNT};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
@@ -30,10 +30,12 @@ use crate::{
 
 /// Flows listed by `/api/live` without `limit`, and the most it lists.
 const LIVE_DEFAULT: u32 = 50;
-const LIVE_MAX: u32 = 100_000;
+const LIVE_MAX: u32 = 10_000;
 /// `/api/history` without `limit`, and the largest `limit` allowed.
 const HISTORY_DEFAULT: u32 = 100;
 const HISTORY_MAX: u32 = 10_000;
+/// API connections served at once, WebSocket clients included.
+const MAX_CONNECTIONS: usize = 1024;
 /// How often `/api/stream` pushes the stats.
 const STREAM_PERIOD: Duration = Duration::from_secs(1);
 
@@ -79,10 +81,14 @@ fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
     let Some(token) = &state.token else {
         return true;
     };
+    // The scheme name is case-insensitive (RFC 9110 11.1).
     headers
         .get_all(header::AUTHORIZATION)
         .iter()
-        .filter_map(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .filter_map(|v| {
+            let v = v.as_bytes();
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+        })
         .any(|given| constant_time_eq(given, token.as_bytes()))
 }
 
@@ -99,6 +105,7 @@ pub async fn serve(
     state: Arc<ApiState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let ticker_state = state.clone();
     state
         .feed
@@ -116,8 +123,16 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
+        // Past the cap a new connection is closed at once: the clients
+        // already connected keep being served, and file descriptors stay
+        // available for the database.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req).await) }
@@ -183,8 +198,14 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         "/api/history" => history(state, &query).await,
         _ => {
             return match no_query(&query) {
-                Ok(()) => stream::upgrade(req, &state.feed)
-                    .unwrap_or_else(|NotWebSocket(why)| error(StatusCode::UPGRADE_REQUIRED, why)),
+                Ok(()) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
+                    let mut reply = error(StatusCode::UPGRADE_REQUIRED, why);
+                    reply.headers_mut().insert(
+                        header::SEC_WEBSOCKET_VERSION,
+                        header::HeaderValue::from_static("13"),
+                    );
+                    reply
+                }),
                 Err((status, message)) => error(status, message),
             }
         }
@@ -211,11 +232,43 @@ fn no_query(query: &str) -> Result<(), (StatusCode, String)> {
 }
 
 /// `name=value` pairs of a query string; empty pieces (`a=1&&b=2`) skipped.
-fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+/// `name=value` pairs of a query string, percent-decoded (`+` is a space);
+/// empty pieces (`a=1&&b=2`) skipped.
+fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .map(|(n, v)| (percent_decode(n), percent_decode(v)))
+}
+
+/// Decodes `%XX` escapes and `+`; a malformed escape stays as written, and
+/// bytes that are not UTF-8 become U+FFFD (no parameter takes them).
+fn percent_decode(text: &str) -> String {
+    let b = text.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let escaped = (b[i] == b'%' && i + 2 < b.len())
+            .then(|| Some(hex(b[i + 1])? * 16 + hex(b[i + 2])?))
+            .flatten();
+        match (escaped, b[i]) {
+            (Some(byte), _) => {
+                out.push(byte);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, c) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn health(state: &ApiState) -> Value {
@@ -317,6 +370,7 @@ fn stats(state: &ApiState) -> Value {
             let name = match *k {
                 NONIP_LLC => "llc".to_owned(),
                 NONIP_RUNT => "runt".to_owned(),
+                NONIP_OTHER => "other".to_owned(),
                 t => format!("0x{t:04x}"),
             };
             (name, json!({ "packets": c.packets, "bytes": c.bytes }))
@@ -333,6 +387,8 @@ fn stats(state: &ApiState) -> Value {
         "ingress": { "packets": t.ingress_packets, "bytes": t.ingress_bytes },
         "egress": { "packets": t.egress_packets, "bytes": t.egress_bytes },
         "non_ip": non_ip,
+        "non_ip_packets": t.nonip_packets,
+        "non_ip_bytes": t.nonip_bytes,
         "flow_map_full_packets": t.flow_map_full,
         "history_deleted": {
             "retention": state.writer.deleted_by_retention.load(std::sync::atomic::Ordering::Relaxed),
@@ -394,15 +450,19 @@ fn limit_param(
     default: u32,
     max: u32,
 ) -> Result<u32, (StatusCode, String)> {
-    let mut limit = default;
+    let mut limit = None;
     for (name, value) in query_pairs(query) {
         if name != "limit" {
             return Err(bad_request(format!(
                 "unknown query parameter {name:?}; {path} takes: limit"
             )));
         }
-        limit = parse_limit(value, max)?;
+        if limit.is_some() {
+            return Err(bad_request("limit is given more than once".into()));
+        }
+        limit = Some(parse_limit(&value, max)?);
     }
+    let limit = limit.unwrap_or(default);
     Ok(limit)
 }
 
@@ -443,6 +503,23 @@ fn error(status: StatusCode, message: String) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let pairs: Vec<(String, String)> = query_pairs("limit=%31%30&a+b=c%2Bd&x=%zz&&y").collect();
+        assert_eq!(
+            pairs,
+            [
+                ("limit".into(), "10".into()),
+                ("a b".into(), "c+d".into()),
+                ("x".into(), "%zz".into()),
+                ("y".into(), String::new()),
+            ]
+        );
+        assert_eq!(percent_decode("%"), "%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%41"), "A");
+    }
 
     #[test]
     fn tokens_compare_equal_only_when_identical() {

@@ -10,7 +10,7 @@ use std::{io, mem, net::IpAddr};
 use anyhow::{bail, Context as _};
 use aya::{
     maps::MapType,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{
         tc::{self, NlOptions, TcAttachOptions},
         LinkOrder, ProgramType, SchedClassifier, TcAttachType,
@@ -22,7 +22,7 @@ use aya::{
 use lightshark_common::{
     Counter, Filter, FlowKey, FlowStats, Totals, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR,
     FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, MAP_FLOWS, MAP_NONIP, MAP_SAMPLES, MAP_TOTALS,
-    PROG_ETH_EGRESS, PROG_ETH_INGRESS, PROG_RAW_EGRESS, PROG_RAW_INGRESS,
+    NONIP_OTHER, PROG_ETH_EGRESS, PROG_ETH_INGRESS, PROG_RAW_EGRESS, PROG_RAW_INGRESS,
 };
 
 use crate::{
@@ -89,8 +89,11 @@ impl Capture {
         if !tcx {
             capture.added_qdisc = match tc::qdisc_add_clsact(&interface.name) {
                 Ok(()) => true,
+                // An existing qdisc may hold filters of an earlier agent that
+                // was killed; once they are removed, the qdisc is ours to
+                // remove too.
                 Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    false
+                    remove_orphans(interface) > 0
                 }
                 Err(e) => {
                     return Err(e)
@@ -129,10 +132,22 @@ impl Capture {
             interface.name,
             if tcx { "TCX links" } else { "clsact filters" }
         );
+        let mut nonip: PerCpuHashMap<MapData, u16, Counter> =
+            PerCpuHashMap::try_from(take(&mut ebpf, MAP_NONIP)?)?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
+        nonip
+            .insert(
+                NONIP_OTHER,
+                PerCpuValues::try_from(vec![Counter::default(); cpus])?,
+                0,
+            )
+            .context("creating the non-IP \"other\" counter")?;
         let maps = KernelMaps {
             flows: HashMap::try_from(take(&mut ebpf, MAP_FLOWS)?)?,
             totals: PerCpuArray::try_from(take(&mut ebpf, MAP_TOTALS)?)?,
-            nonip: PerCpuHashMap::try_from(take(&mut ebpf, MAP_NONIP)?)?,
+            nonip,
             samples: RingBuf::try_from(take(&mut ebpf, MAP_SAMPLES)?)?,
         };
         capture.ebpf = Some(ebpf);
@@ -173,6 +188,63 @@ impl Drop for Capture {
     fn drop(&mut self) {
         self.detach();
     }
+}
+
+/// Removes the clsact filters an earlier agent left on the interface when
+/// it was killed (SIGKILL gives it no chance to detach), unless another
+/// agent runs in this network namespace and they may be its. Returns how
+/// many were removed.
+fn remove_orphans(interface: &Interface) -> usize {
+    if another_agent_here() {
+        return 0;
+    }
+    let mut removed = 0;
+    for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+        for name in [
+            PROG_ETH_INGRESS,
+            PROG_ETH_EGRESS,
+            PROG_RAW_INGRESS,
+            PROG_RAW_EGRESS,
+        ] {
+            match tc::qdisc_detach_program(&interface.name, hook, name) {
+                Ok(()) => removed += 1,
+                Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("could not remove a leftover {name} filter: {e}"),
+            }
+        }
+    }
+    if removed > 0 {
+        log::warn!(
+            "removed {removed} clsact filter(s) left on {} by an earlier agent that did not exit cleanly",
+            interface.name
+        );
+    }
+    removed
+}
+
+/// Whether another lightshark-mini process shares this network namespace.
+fn another_agent_here() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let ns = |pid: &str| {
+        std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .map(|m| m.ino())
+            .ok()
+    };
+    let Some(ours) = ns("self") else {
+        return true;
+    };
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs.filter_map(Result::ok).any(|p| {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        pid != me
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "lightshark-mini")
+            && ns(&pid) == Some(ours)
+    })
 }
 
 /// The agent's filter in the kernel program's layout.

@@ -60,7 +60,7 @@ struct Cli {
     interface: Option<String>,
 
     /// Address the API listens on [default: all addresses, IPv6 and IPv4]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_bind)]
     bind: Option<IpAddr>,
 
     /// Require `Authorization: Bearer TOKEN` on every endpoint but
@@ -83,7 +83,7 @@ struct Cli {
     port: Option<u16>,
 
     /// SQLite file that keeps the per-packet history [default: traffic.db]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = parse_db_path)]
     db_path: Option<PathBuf>,
 
     /// Only traffic with this port as source or destination
@@ -101,16 +101,16 @@ struct Cli {
 
     /// Seconds without packets before a connection is stale and removed
     /// [default: 60]
-    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     connection_timeout: Option<u64>,
 
     /// Delete history older than this many seconds [default: keep all]
-    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     data_retention: Option<u64>,
 
     /// How to hook the classifier: TCX links or the legacy clsact qdisc
     /// [default: auto]
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     attach_mode: Option<AttachMode>,
 
     /// Bytes of the kernel's sample ring buffer: a power of two from 4096
@@ -240,7 +240,20 @@ const KEYS: &[&str] = &[
     "quiet",
 ];
 
+/// A config file is a dozen lines; anything far bigger is a mistake (and
+/// deeply nested YAML costs the parser time out of proportion to its size).
+const MAX_CONFIG_BYTES: u64 = 64 << 10;
+
 fn read_file(path: &std::path::Path) -> anyhow::Result<Cli> {
+    let size = fs::metadata(path)
+        .with_context(|| format!("cannot read config file {} (-c/--config)", path.display()))?
+        .len();
+    if size > MAX_CONFIG_BYTES {
+        bail!(
+            "config file {} is {size} bytes; a config file is at most {MAX_CONFIG_BYTES}",
+            path.display()
+        );
+    }
     let text = fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {} (-c/--config)", path.display()))?;
     parse_yaml(&text).with_context(|| format!("config file {}", path.display()))
@@ -268,11 +281,14 @@ fn parse_yaml(text: &str) -> anyhow::Result<Cli> {
             "interface" => cli.interface = Some(text_value(&key, &value)?),
             "bind" => {
                 let text = text_value(&key, &value)?;
-                cli.bind = Some(text.parse().map_err(|_| {
-                    anyhow::anyhow!("{key}: {text:?} is not an IPv4 or IPv6 address")
-                })?);
+                cli.bind = Some(parse_bind(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))?);
             }
-            "api_token" => cli.api_token = Some(text_value(&key, &value)?),
+            "api_token" => {
+                cli.api_token = Some(
+                    parse_token(&text_value(&key, &value)?)
+                        .map_err(|e| anyhow::anyhow!("{key}: {e}"))?,
+                )
+            }
             "max_db_size" => {
                 cli.max_db_size = Some(value.as_u64().with_context(|| {
                     format!(
@@ -282,7 +298,12 @@ fn parse_yaml(text: &str) -> anyhow::Result<Cli> {
                 })?)
             }
             "port" => cli.port = Some(port_value(&key, &value)?),
-            "db_path" => cli.db_path = Some(PathBuf::from(text_value(&key, &value)?)),
+            "db_path" => {
+                cli.db_path = Some(
+                    parse_db_path(&text_value(&key, &value)?)
+                        .map_err(|e| anyhow::anyhow!("{key}: {e}"))?,
+                )
+            }
             "filter_port" => cli.filter_port = Some(port_value(&key, &value)?),
             "filter_ip" => {
                 let text = text_value(&key, &value)?;
@@ -364,11 +385,15 @@ fn port_value(key: &str, value: &Value) -> anyhow::Result<u16> {
     }
 }
 
+/// Longest timeout or retention accepted: ten years, far beyond any use and
+/// far from the limits of the clocks they are compared with.
+const MAX_SECONDS: u64 = 10 * 365 * 86_400;
+
 fn seconds_value(key: &str, value: &Value) -> anyhow::Result<u64> {
     match value.as_u64() {
-        Some(n) if n >= 1 => Ok(n),
+        Some(n @ 1..=MAX_SECONDS) => Ok(n),
         _ => bail!(
-            "{key}: expected a whole number of seconds (1 or more), found {}",
+            "{key}: expected a whole number of seconds from 1 to {MAX_SECONDS}, found {}",
             describe(value)
         ),
     }
@@ -395,6 +420,38 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
             "{text:?} is not a power of two from {MIN_RING} to {MAX_RING}"
         )),
     }
+}
+
+/// A database file path: not SQLite's special names, which would give each
+/// connection its own private database.
+fn parse_db_path(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() || text == ":memory:" || text.starts_with("file:") {
+        return Err(format!(
+            "{text:?} is not a file path; the history must be in a file"
+        ));
+    }
+    Ok(PathBuf::from(text))
+}
+
+/// An address a socket can listen on: any unicast address, or the
+/// unspecified one; not a multicast group.
+fn parse_bind(text: &str) -> Result<IpAddr, String> {
+    match text.parse::<IpAddr>() {
+        Ok(ip) if !ip.is_multicast() => Ok(ip),
+        Ok(_) => Err(format!(
+            "{text:?} is a multicast address; the API needs a local one"
+        )),
+        Err(_) => Err(format!("{text:?} is not an IPv4 or IPv6 address")),
+    }
+}
+
+/// A token a client can send: visible characters only (a header value
+/// loses surrounding blanks), at least one.
+fn parse_token(text: &str) -> Result<String, String> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the API token must be one or more visible ASCII characters, no spaces".into());
+    }
+    Ok(text.to_owned())
 }
 
 /// A protocol name (any case) or number, as the IP protocol number.

@@ -125,6 +125,8 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
             });
             (k, c)
         })
+        // The "other" entry exists from the start; listed once it counts.
+        .filter(|(_, c)| c.packets > 0)
         .collect();
     nonip.sort_by_key(|(k, _)| *k);
     let mut stale = Vec::new();

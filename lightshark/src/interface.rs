@@ -86,12 +86,19 @@ pub fn resolve(requested: Option<&str>) -> anyhow::Result<Interface> {
 
 /// Whether the interface still exists with the same name and index (a
 /// new interface of the same name is another device, without our hooks).
+/// Only a definite answer counts: a lookup that fails for want of a file
+/// descriptor says nothing about the interface.
 pub fn still_there(iface: &Interface) -> bool {
     let Ok(name) = std::ffi::CString::new(iface.name.as_str()) else {
         return false;
     };
     // SAFETY: if_nametoindex reads a NUL-terminated name.
-    unsafe { libc::if_nametoindex(name.as_ptr()) == iface.index }
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index != 0 {
+        return index == iface.index;
+    }
+    let err = io::Error::last_os_error().raw_os_error();
+    !matches!(err, Some(libc::ENODEV | libc::ENXIO | libc::ENOENT))
 }
 
 fn names(all: &[(u32, String)]) -> String {

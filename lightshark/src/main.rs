@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     let config = match config::Config::load() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("lightshark-mini: error: {e:#}");
+            report(&e);
             return ExitCode::from(2);
         }
     };
@@ -20,9 +20,15 @@ fn main() -> ExitCode {
     match agent::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the chain of causes without a backtrace.
-            eprintln!("lightshark-mini: error: {e:#}");
+            report(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints the error with its chain of causes (`{:#}`, no backtrace); a
+/// closed stderr is no reason to panic.
+fn report(e: &anyhow::Error) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "lightshark-mini: error: {e:#}");
 }

@@ -68,6 +68,25 @@ pub struct HistoryRow {
 pub struct SampleStore {
     path: PathBuf,
     readers: Mutex<Vec<Connection>>,
+    /// Held open for the agent's life: its flock keeps a second agent from
+    /// writing the same file.
+    _lock: std::fs::File,
+}
+
+/// Takes an exclusive flock on the database file (independent of SQLite's
+/// own fcntl locks), so that two agents never interleave their histories.
+fn lock_exclusively(path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open the database {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another lightshark-mini is using the database {}; give this one its own --db-path",
+            path.display()
+        );
+    }
+    Ok(file)
 }
 
 impl SampleStore {
@@ -76,15 +95,13 @@ impl SampleStore {
     pub fn open(path: &Path) -> anyhow::Result<(SampleStore, Connection)> {
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the database {}", path.display()))?;
-        init_schema(&conn).with_context(|| {
-            format!(
-                "cannot write the database {} (is its directory writable?)",
-                path.display()
-            )
-        })?;
+        let lock = lock_exclusively(path)?;
+        init_schema(&conn)
+            .with_context(|| format!("cannot use the database {}", path.display()))?;
         let store = SampleStore {
             path: path.to_owned(),
             readers: Mutex::new(Vec::new()),
+            _lock: lock,
         };
         Ok((store, conn))
     }
@@ -99,6 +116,14 @@ impl SampleStore {
             .unwrap_or_else(|e| e.into_inner())
             .push(conn);
         rows
+    }
+
+    /// Closes the pooled read connections (queries after this open new ones).
+    pub fn close_readers(&self) {
+        self.readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn reader(&self) -> anyhow::Result<Connection> {
@@ -118,6 +143,30 @@ impl SampleStore {
 fn init_schema(conn: &Connection) -> anyhow::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let mut columns = conn.prepare("SELECT name FROM pragma_table_info('samples')")?;
+    let columns: Vec<String> = columns
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let ours = [
+        "id",
+        "ts_ms",
+        "src_ip",
+        "dst_ip",
+        "src_port",
+        "dst_port",
+        "protocol",
+        "length",
+        "segments",
+        "direction",
+        "ifindex",
+    ];
+    if !columns.is_empty() && !ours.iter().all(|c| columns.iter().any(|have| have == c)) {
+        bail!(
+            "it has a table named samples that LightShark did not make (columns: {}); \
+             use another --db-path",
+            columns.join(", ")
+        );
+    }
     if version > SCHEMA_VERSION {
         bail!(
             "the database has schema version {version}, newer than this agent's \
@@ -244,7 +293,14 @@ fn write_loop(setup: WriterSetup) {
         match input.recv_timeout(wait) {
             Ok(first) => commit(&conn, first, &input, &queue, &stats, &mut failing),
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => {
+                // Fold the WAL into the database file, so that the file alone
+                // holds the whole history once the agent has stopped.
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                    log::warn!("final checkpoint of the database failed: {e}");
+                }
+                return;
+            }
         }
         if Instant::now() >= housekeeping_due {
             match housekeeping(&conn, retention, max_size, &stats) {

@@ -79,6 +79,9 @@ pub fn upgrade(
     req: Request<Incoming>,
     feed: &Feed,
 ) -> Result<hyper::Response<http_body_util::Full<hyper::body::Bytes>>, NotWebSocket> {
+    if req.version() != hyper::Version::HTTP_11 {
+        return Err(NotWebSocket("a WebSocket upgrade needs HTTP/1.1".into()));
+    }
     let accept = accept_key(req.headers())?;
     let updates = feed.tx.subscribe();
     tokio::spawn(async move {

@@ -115,6 +115,14 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             require_root("the tests")?;
+            let corpus = root.join("../shared/corpus/pcaps");
+            if !corpus.is_dir() {
+                eprintln!(
+                    "xtask: WARNING: {} is absent; the conformance test will pass without \
+                     checking anything (it needs the shared capture corpus beside the repository)",
+                    corpus.display()
+                );
+            }
             setup(true)?;
             cargo(&["build", "--release", "-p", "lightshark"])?;
             let mut test = vec![
