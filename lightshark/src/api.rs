@@ -504,6 +504,53 @@ fn error(status: StatusCode, message: String) -> Reply {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any query string either yields a limit in range or a 400 naming
+        /// what is wrong; it never panics.
+        #[test]
+        fn any_query_gets_a_limit_or_a_400(query in ".{0,200}") {
+            match limit_param("/api/history", &query, 100, 10_000) {
+                Ok(n) => proptest::prop_assert!((1..=10_000).contains(&n)),
+                Err((status, message)) => {
+                    proptest::prop_assert_eq!(status, StatusCode::BAD_REQUEST);
+                    proptest::prop_assert!(!message.is_empty());
+                }
+            }
+        }
+
+        /// Well-formed limits round-trip through percent-encoding.
+        #[test]
+        fn encoded_limits_decode(n in 1u32..=10_000) {
+            let encoded: String = n.to_string().bytes().map(|b| format!("%{b:02X}")).collect();
+            proptest::prop_assert_eq!(limit_param("/api/live", &format!("limit={encoded}"), 50, 10_000), Ok(n));
+        }
+    }
+
+    /// Inputs that once broke or nearly broke parsing, kept as a corpus.
+    #[test]
+    fn query_corpus() {
+        for (query, ok) in [
+            ("limit=1&limit=2", false),
+            ("limit=%31", true),
+            ("limit=%", false),
+            ("limit=%%31", false),
+            ("limit=1%00", false),
+            ("limit=%ff%fe", false),
+            ("=&=&", false),
+            ("limit", false),
+            ("limit=10000", true),
+            ("limit=010000", true),
+            ("limit=4294967296", false),
+            ("&&&", true),
+        ] {
+            assert_eq!(
+                limit_param("/api/history", query, 100, 10_000).is_ok(),
+                ok,
+                "{query}"
+            );
+        }
+    }
+
     #[test]
     fn query_values_are_percent_decoded() {
         let pairs: Vec<(String, String)> = query_pairs("limit=%31%30&a+b=c%2Bd&x=%zz&&y").collect();

@@ -537,6 +537,47 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any text as a config file is either settings or an error; it
+        /// never panics.
+        #[test]
+        fn any_yaml_parses_or_errs(text in "(?s).{0,300}") {
+            let _ = parse_yaml(&text);
+        }
+
+        /// Any value under any known key is accepted or refused by name.
+        #[test]
+        fn bad_values_name_their_key(key in proptest::sample::select(KEYS), value in "[ -~]{0,40}") {
+            let yaml = format!("{key}: {value}\n");
+            if let Err(e) = parse_yaml(&yaml) {
+                let text = format!("{e:#}");
+                proptest::prop_assert!(text.contains(key) || text.contains("YAML"), "{}", text);
+            }
+        }
+    }
+
+    /// Config files that once broke or nearly broke parsing, kept as a corpus.
+    #[test]
+    fn config_corpus() {
+        for (yaml, ok) in [
+            ("", true),
+            ("# only a comment\n", true),
+            ("port: 3000\nport: 3001\n", false),
+            ("data_retention_seconds: 10000000000000000\n", false),
+            ("connection_timeout: 18446744074\n", false),
+            ("api_token: \" \"\n", false),
+            ("bind: 224.0.0.1\n", false),
+            ("db_path: \":memory:\"\n", false),
+            ("attach_mode: TC\n", true),
+            ("a: &x [1]\nb: *x\n", false),
+            ("port: !!str 3000\n", false),
+            ("? [a, b]\n: c\n", false),
+            ("---\nport: 1\n---\nport: 2\n", false),
+        ] {
+            assert_eq!(parse_yaml(yaml).is_ok(), ok, "{yaml:?}");
+        }
+    }
+
     #[test]
     fn protocols_by_name_in_any_case_or_number() {
         assert_eq!(parse_protocol("tcp"), Ok(6));

@@ -92,6 +92,7 @@ impl Poller {
         let thread = thread::Builder::new()
             .name("flow-poller".into())
             .spawn(move || {
+                crate::priority::background();
                 while !stop_flag.load(Ordering::Relaxed) {
                     thread::park_timeout(POLL_INTERVAL);
                     live.set(read(&mut maps, &mut rates, timeout_ns));

@@ -65,7 +65,10 @@ impl Reader {
         let stop_flag = stop.clone();
         let thread = thread::Builder::new()
             .name("ring-reader".into())
-            .spawn(move || run(ring, out, &stats, &stop_flag))
+            .spawn(move || {
+                crate::priority::background();
+                run(ring, out, &stats, &stop_flag)
+            })
             .expect("spawning the ring reader thread");
         Reader { stop, thread }
     }

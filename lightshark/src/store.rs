@@ -254,7 +254,10 @@ impl Writer {
     pub fn spawn(setup: WriterSetup) -> Writer {
         let thread = thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || write_loop(setup))
+            .spawn(move || {
+                crate::priority::background();
+                write_loop(setup)
+            })
             .expect("spawning the SQLite writer thread");
         Writer { thread }
     }
