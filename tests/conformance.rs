@@ -17,7 +17,6 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _};
 use lightshark_tests::*;
-use serde_json::Value;
 
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus")
@@ -227,9 +226,8 @@ fn replay_one(name: &str) -> anyhow::Result<Row> {
             want.non_ip
         ));
     }
-    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
-    let packets = (want.packets, u(&stats, "total_packets"));
-    let bytes = (want.bytes, u(&stats, "total_bytes"));
+    let packets = (want.packets, stat(&stats, &["total_packets"]));
+    let bytes = (want.bytes, stat(&stats, &["total_bytes"]));
     if packets.0 != packets.1 || bytes.0 != bytes.1 {
         problems.push(format!(
             "totals: expected {packets:?} packets, {bytes:?} bytes"

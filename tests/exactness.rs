@@ -14,11 +14,6 @@ use std::{
 
 use anyhow::{ensure, Context as _};
 use lightshark_tests::*;
-use serde_json::Value;
-
-fn u(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
-}
 
 /// The sending namespace's own count of TCP segments sent.
 fn tcp_out_segs(ns: &Netns) -> anyhow::Result<u64> {
@@ -44,13 +39,7 @@ fn paced_transfer(offload: bool) -> anyhow::Result<(u64, u64, u64, u64)> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !String::from_utf8_lossy(&pair.b.exec("ss", &["-Htln", "sport", "=", ":5201"])?.stdout)
-        .contains("5201")
-    {
-        ensure!(Instant::now() < deadline, "iperf3 server did not start");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(&pair.b, 5201)?;
     let (stats0, _) = quiet_stats(&agent, &pair.b, "vb")?;
     let live0 = live_flows(&agent.get_ok(&pair.b, "/api/live?limit=10000")?)?;
     let segs0 = tcp_out_segs(&pair.a)?;
@@ -62,7 +51,7 @@ fn paced_transfer(offload: bool) -> anyhow::Result<(u64, u64, u64, u64)> {
     let segs = tcp_out_segs(&pair.a)? - segs0;
     let (stats, _) = quiet_stats(&agent, &pair.b, "vb")?;
     ensure!(
-        u(&stats, &["ring_buffer_drops"]) == u(&stats0, &["ring_buffer_drops"]),
+        stat(&stats, &["ring_buffer_drops"]) == stat(&stats0, &["ring_buffer_drops"]),
         "samples dropped"
     );
     let live = live_flows(&agent.get_ok(&pair.b, "/api/live?limit=10000")?)?;
@@ -211,11 +200,13 @@ fn tun_interface_without_ethernet_header_is_counted_exactly() -> anyhow::Result<
     let (stats, link) = quiet_stats(&agent, &ns, "lstun0")?;
     let link = link.since(&base);
     ensure!(
-        u(&stats, &["total_packets"]) - u(&stats0, &["total_packets"]) == u64::from(count) * 2,
+        stat(&stats, &["total_packets"]) - stat(&stats0, &["total_packets"])
+            == u64::from(count) * 2,
         "{stats}"
     );
     ensure!(
-        u(&stats, &["total_bytes"]) - u(&stats0, &["total_bytes"]) == link.rx_bytes + link.tx_bytes,
+        stat(&stats, &["total_bytes"]) - stat(&stats0, &["total_bytes"])
+            == link.rx_bytes + link.tx_bytes,
         "bytes {stats} vs the interface's {link:?}"
     );
     let live = live_flows(&agent.get_ok(&ns, "/api/live")?)?;
@@ -265,35 +256,35 @@ fn flooding_tiny_buffers_loses_no_sample_silently() -> anyhow::Result<()> {
     let link = link.since(&base);
 
     // Every packet is in the totals, with or without a flow entry.
-    let total = u(&stats, &["total_packets"]) - u(&stats0, &["total_packets"]);
+    let total = stat(&stats, &["total_packets"]) - stat(&stats0, &["total_packets"]);
     ensure!(
         total == link.rx_packets + link.tx_packets,
         "{total} counted, vb saw {link:?}"
     );
     ensure!(total >= 96_000, "the flood sent only {total} packets");
     ensure!(
-        u(&stats, &["ring_buffer_drops"]) > 0,
+        stat(&stats, &["ring_buffer_drops"]) > 0,
         "the ring never overflowed: {stats}"
     );
     ensure!(
-        u(&stats, &["flow_map_full_packets"]) > 0,
+        stat(&stats, &["flow_map_full_packets"]) > 0,
         "the map never filled: {stats}"
     );
 
     // The ledger balances, in samples and in segments.
     for ledger in ["samples", "sample_segments"] {
         let l = &stats[ledger];
-        let accounted = u(l, &["stored"])
-            + u(l, &["pending"])
-            + u(l, &["dropped", "ring_buffer_full"])
-            + u(l, &["dropped", "writer_backlog"])
-            + u(l, &["dropped", "storage_error"]);
+        let accounted = stat(l, &["stored"])
+            + stat(l, &["pending"])
+            + stat(l, &["dropped", "ring_buffer_full"])
+            + stat(l, &["dropped", "writer_backlog"])
+            + stat(l, &["dropped", "storage_error"]);
         ensure!(
-            accounted == u(l, &["emitted"]),
+            accounted == stat(l, &["emitted"]),
             "{ledger} do not balance: {l}"
         );
         ensure!(
-            u(l, &["pending"]) == 0,
+            stat(l, &["pending"]) == 0,
             "{ledger} still pending when quiet: {l}"
         );
     }
@@ -301,7 +292,7 @@ fn flooding_tiny_buffers_loses_no_sample_silently() -> anyhow::Result<()> {
         m.values().map(|c| c["packets"].as_u64().unwrap_or(0)).sum()
     });
     ensure!(
-        u(&stats, &["sample_segments", "emitted"]) == u(&stats, &["total_packets"]) - non_ip,
+        stat(&stats, &["sample_segments", "emitted"]) == stat(&stats, &["total_packets"]) - non_ip,
         "segments sampled differ from IP packets counted: {stats}"
     );
     let health = agent.get_ok(&pair.b, "/api/health")?;
@@ -310,7 +301,7 @@ fn flooding_tiny_buffers_loses_no_sample_silently() -> anyhow::Result<()> {
         "health hides the drops: {health}"
     );
 
-    let stored = u(&stats, &["samples", "stored"]);
+    let stored = stat(&stats, &["samples", "stored"]);
     let exit = agent.stop(libc::SIGTERM)?;
     ensure!(exit.code == Some(0), "exit {:?}", exit.code);
     let conn = rusqlite::Connection::open(&agent.db_path)?;

@@ -4,7 +4,6 @@
 
 use anyhow::{ensure, Context as _};
 use lightshark_tests::*;
-use serde_json::Value;
 
 /// An ethertype from the IEEE "local experimental" range: a non-IP frame
 /// nothing else on the link sends.
@@ -98,10 +97,9 @@ fn check_filter(flags: &[&str], keep: impl Fn(&str) -> bool) -> anyhow::Result<(
     let (want_p, want_b) = expected
         .values()
         .fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
-    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     ensure!(
-        u(&stats, "total_packets") - u(&stats0, "total_packets") == want_p
-            && u(&stats, "total_bytes") - u(&stats0, "total_bytes") == want_b,
+        stat(&stats, &["total_packets"]) - stat(&stats0, &["total_packets"]) == want_p
+            && stat(&stats, &["total_bytes"]) - stat(&stats0, &["total_bytes"]) == want_b,
         "{flags:?}: totals {stats} for expected {want_p} packets {want_b} bytes"
     );
     ensure!(
@@ -109,7 +107,8 @@ fn check_filter(flags: &[&str], keep: impl Fn(&str) -> bool) -> anyhow::Result<(
         "{flags:?}: non-IP counted: {stats}"
     );
     let all: u64 = on_wire.values().map(|v| v.0).sum::<u64>() + 7;
-    let filtered = u(&stats, "filtered_out_packets") - u(&stats0, "filtered_out_packets");
+    let filtered =
+        stat(&stats, &["filtered_out_packets"]) - stat(&stats0, &["filtered_out_packets"]);
     ensure!(
         filtered == all - want_p,
         "{flags:?}: {filtered} filtered out, expected {}",

@@ -72,13 +72,12 @@ fn idle_flows_leave_the_kernel_map_and_come_back_as_new() -> anyhow::Result<()> 
         "flow removed before its timeout"
     );
     let stats = agent.get_ok(&pair.b, "/api/stats")?;
-    let u = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
     ensure!(
-        u(&stats, "total_packets") - u(&stats0, "total_packets") >= 20,
+        stat(&stats, &["total_packets"]) - stat(&stats0, &["total_packets"]) >= 20,
         "totals lost what the removed flow counted: {stats}"
     );
     ensure!(
-        u(&stats, "active_connections") < u(&stats0, "active_connections") + 1,
+        stat(&stats, &["active_connections"]) < stat(&stats0, &["active_connections"]) + 1,
         "{stats}"
     );
 

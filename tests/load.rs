@@ -15,16 +15,6 @@ use lightshark_tests::*;
 /// deploy/kubernetes/deployment.yaml.
 const RSS_CAP_MB: f64 = 256.0;
 
-fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmHWM")?;
-    Ok(kb / 1024.0)
-}
-
 #[test]
 fn sixty_four_http_clients_for_30_s_get_no_errors() -> anyhow::Result<()> {
     let pair = VethPair::new(false)?;
@@ -72,7 +62,7 @@ fn sixty_four_http_clients_for_30_s_get_no_errors() -> anyhow::Result<()> {
         .flatten()
         .context("wrk printed no request count")?;
     ensure!(requests > 1000, "only {requests} requests in 30 s");
-    let rss = peak_rss_mb(agent.pid().context("pid")?)?;
+    let rss = status_mb(agent.pid().context("pid")?, "VmHWM:")?;
     eprintln!("peak RSS under load: {rss:.1} MB");
     ensure!(
         rss < RSS_CAP_MB,

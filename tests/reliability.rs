@@ -11,11 +11,6 @@ use std::{
 
 use anyhow::{ensure, Context as _};
 use lightshark_tests::*;
-use serde_json::Value;
-
-fn u(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
-}
 
 fn integrity(db: &std::path::Path) -> anyhow::Result<(String, u64)> {
     let conn = rusqlite::Connection::open(db)?;
@@ -42,7 +37,7 @@ fn sigkill_during_a_flood_never_corrupts_or_loses_acknowledged_samples() -> anyh
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 thread::sleep(Duration::from_millis(500 + seed % 1500));
-                let acknowledged = u(
+                let acknowledged = stat(
                     &agent.get_ok(&pair.b, "/api/stats")?,
                     &["samples", "stored"],
                 );
@@ -145,6 +140,33 @@ fn a_deleted_interface_ends_the_agent_cleanly_and_says_so() -> anyhow::Result<()
     Ok(())
 }
 
+/// A tmpfs mounted for one test; unmounted on drop, even on failure.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, options: &str) -> anyhow::Result<Tmpfs> {
+        fs::create_dir_all(at)?;
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                options,
+                "lstest",
+                at.to_str().context("path")?,
+            ],
+        )?;
+        Ok(Tmpfs(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 fn zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
@@ -154,25 +176,7 @@ fn bad_database_paths_are_clear_errors_at_start() -> anyhow::Result<()> {
     let pair = VethPair::new(false)?;
     let dir = TempDir::new("dbpath")?;
     let ro = dir.path.join("readonly");
-    fs::create_dir(&ro)?;
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "ro,size=1m",
-            "lstest-ro",
-            ro.to_str().context("p")?,
-        ],
-    )?;
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(ro.clone());
+    let _tmpfs = Tmpfs::mount(&ro, "ro,size=1m")?;
     for (db, words) in [
         (dir.path.join("no/such/dir/t.db"), vec!["no/such/dir/t.db"]),
         (ro.join("t.db"), vec!["readonly/t.db"]),
@@ -202,25 +206,7 @@ fn a_full_disk_keeps_counting_and_storage_resumes_when_space_returns() -> anyhow
     let pair = VethPair::new(false)?;
     let dir = TempDir::new("full")?;
     let mnt = dir.path.join("small");
-    fs::create_dir(&mnt)?;
-    run(
-        "mount",
-        &[
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=2m",
-            "lstest-full",
-            mnt.to_str().context("p")?,
-        ],
-    )?;
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    let _tmpfs = Tmpfs::mount(&mnt, "size=2m")?;
     let ballast = mnt.join("ballast");
     let db = mnt.join("traffic.db");
     let agent = Agent::start_with_db(&pair.b, "vb", &dir, &db, &[])?;
@@ -236,21 +222,21 @@ fn a_full_disk_keeps_counting_and_storage_resumes_when_space_returns() -> anyhow
     );
     let (stats, link) = quiet_stats(&agent, &pair.b, "vb")?;
     let link = link.since(&base);
-    let total = u(&stats, &["total_packets"]) - u(&stats0, &["total_packets"]);
+    let total = stat(&stats, &["total_packets"]) - stat(&stats0, &["total_packets"]);
     ensure!(
         total == link.rx_packets + link.tx_packets,
         "counting stopped with the disk full: {stats}"
     );
-    let failed = u(&stats, &["samples", "dropped", "storage_error"]);
+    let failed = stat(&stats, &["samples", "dropped", "storage_error"]);
     ensure!(failed > 0, "a full disk dropped nothing? {stats}");
     let l = &stats["samples"];
     ensure!(
-        u(l, &["stored"])
-            + u(l, &["pending"])
+        stat(l, &["stored"])
+            + stat(l, &["pending"])
             + failed
-            + u(l, &["dropped", "ring_buffer_full"])
-            + u(l, &["dropped", "writer_backlog"])
-            == u(l, &["emitted"]),
+            + stat(l, &["dropped", "ring_buffer_full"])
+            + stat(l, &["dropped", "writer_backlog"])
+            == stat(l, &["emitted"]),
         "ledger does not balance: {l}"
     );
     let health = agent.get_ok(&pair.b, "/api/health")?;
@@ -258,18 +244,18 @@ fn a_full_disk_keeps_counting_and_storage_resumes_when_space_returns() -> anyhow
 
     // Space returns: storing resumes.
     fs::remove_file(&ballast)?;
-    let stored_before = u(&stats, &["samples", "stored"]);
+    let stored_before = stat(&stats, &["samples", "stored"]);
     ensure!(
         udp_burst(&pair.a, &pair.b, A4, B4, 7602, 200, 400)? > 0,
         "no traffic"
     );
     let (after, _) = quiet_stats(&agent, &pair.b, "vb")?;
     ensure!(
-        u(&after, &["samples", "stored"]) >= stored_before + 200,
+        stat(&after, &["samples", "stored"]) >= stored_before + 200,
         "storing did not resume: {after}"
     );
     ensure!(
-        u(&after, &["samples", "dropped", "storage_error"]) == failed,
+        stat(&after, &["samples", "dropped", "storage_error"]) == failed,
         "still failing: {after}"
     );
     Ok(())
@@ -284,12 +270,12 @@ fn the_size_cap_deletes_the_oldest_history_and_counts_it() -> anyhow::Result<()>
     let mut agent = Agent::start(&pair.b, "vb", &dir, &["--max-db-size", &cap.to_string()])?;
     let sent = udp_steady(&pair.a, A4, B4, 7603, 20_000, Duration::from_secs(4))?;
     let (stats, _) = quiet_stats(&agent, &pair.b, "vb")?;
-    let deleted = u(&stats, &["history_deleted", "size_cap"]);
+    let deleted = stat(&stats, &["history_deleted", "size_cap"]);
     ensure!(
         deleted > 0,
         "a 1 MB cap deleted nothing after {sent} packets: {stats}"
     );
-    let stored = u(&stats, &["samples", "stored"]);
+    let stored = stat(&stats, &["samples", "stored"]);
     let exit = agent.stop(libc::SIGTERM)?;
     ensure!(exit.code == Some(0), "{}", exit.log);
     let conn = rusqlite::Connection::open(&agent.db_path)?;
@@ -372,8 +358,8 @@ fn transfers_arrive_identical_and_a_later_tc_program_sees_every_packet() -> anyh
     let s2 = second.get_ok(&pair.b, "/api/stats")?;
     let link = link.since(&base);
     let want = link.rx_packets + link.tx_packets;
-    let d1 = u(&s1, &["total_packets"]) - u(&s1_0, &["total_packets"]);
-    let d2 = u(&s2, &["total_packets"]) - u(&s2_0, &["total_packets"]);
+    let d1 = stat(&s1, &["total_packets"]) - stat(&s1_0, &["total_packets"]);
+    let d2 = stat(&s2, &["total_packets"]) - stat(&s2_0, &["total_packets"]);
     ensure!(
         d1 == want && d2 == want,
         "first counted {d1}, second {d2}, the link carried {want}"

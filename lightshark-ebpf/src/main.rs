@@ -265,10 +265,7 @@ fn add_to_flow(key: &FlowKey, segs: u64, wire: u64, now: u64) -> bool {
 
 #[inline(always)]
 fn count_nonip(ethertype: u16, segs: u64, wire: u64) {
-    if let Some(c) = NONIP.get_ptr_mut(ethertype) {
-        let c = unsafe { &mut *c };
-        c.packets += segs;
-        c.bytes += wire;
+    if add_to_nonip(ethertype, segs, wire) {
         return;
     }
     let fresh = Counter {
@@ -280,11 +277,19 @@ fn count_nonip(ethertype: u16, segs: u64, wire: u64) {
     }
     // The map is full (over a thousand distinct ethertypes): count the frame
     // under "other", which the agent created at load.
-    if let Some(c) = NONIP.get_ptr_mut(NONIP_OTHER) {
-        let c = unsafe { &mut *c };
-        c.packets += segs;
-        c.bytes += wire;
-    }
+    add_to_nonip(NONIP_OTHER, segs, wire);
+}
+
+/// Adds to this CPU's counter of `key`; false when it has no entry.
+#[inline(always)]
+fn add_to_nonip(key: u16, segs: u64, wire: u64) -> bool {
+    let Some(c) = NONIP.get_ptr_mut(key) else {
+        return false;
+    };
+    let c = unsafe { &mut *c };
+    c.packets += segs;
+    c.bytes += wire;
+    true
 }
 
 #[inline(always)]

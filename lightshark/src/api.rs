@@ -4,7 +4,7 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -391,8 +391,8 @@ fn stats(state: &ApiState) -> Value {
         "non_ip_bytes": t.nonip_bytes,
         "flow_map_full_packets": t.flow_map_full,
         "history_deleted": {
-            "retention": state.writer.deleted_by_retention.load(std::sync::atomic::Ordering::Relaxed),
-            "size_cap": state.writer.deleted_by_size_cap.load(std::sync::atomic::Ordering::Relaxed),
+            "retention": state.writer.deleted_by_retention.load(Ordering::Relaxed),
+            "size_cap": state.writer.deleted_by_size_cap.load(Ordering::Relaxed),
         },
         "filtered_out_packets": t.filtered_out,
         "samples": ledger(state, Tally::samples, t.samples, t.ringbuf_drops),

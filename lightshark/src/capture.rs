@@ -9,8 +9,7 @@ use std::{io, mem, net::IpAddr};
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::MapType,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
+    maps::{HashMap, MapData, MapType, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{
         tc::{self, NlOptions, TcAttachOptions},
         LinkOrder, ProgramType, SchedClassifier, TcAttachType,

@@ -211,7 +211,8 @@ impl VethPair {
     }
 }
 
-fn mac_address(ns: &Netns, dev: &str) -> anyhow::Result<String> {
+/// The MAC address of `dev` in `ns`, as `ip` writes it (`aa:bb:...`).
+pub fn mac_address(ns: &Netns, dev: &str) -> anyhow::Result<String> {
     let out = ns.exec("ip", &["-j", "link", "show", dev])?;
     let v: Value = serde_json::from_slice(&out.stdout)?;
     Ok(v[0]["address"]
@@ -887,19 +888,11 @@ impl Agent {
     /// only plain hash map; it is found among the agent's open BPF maps.
     pub fn kernel_flow_keys(&self) -> anyhow::Result<Vec<Vec<u8>>> {
         let pid = self.pid().context("agent not running")?;
-        let mut id = None;
-        for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-            let info = fs::read_to_string(entry?.path()).unwrap_or_default();
-            let field = |name: &str| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(|v| v.trim().to_owned())
-            };
-            // map_type 1 is BPF_MAP_TYPE_HASH.
-            if field("map_type:").as_deref() == Some("1") {
-                id = field("map_id:");
-            }
-        }
+        // map_type 1 is BPF_MAP_TYPE_HASH.
+        let id = bpf_fds(pid)?
+            .into_iter()
+            .filter(|fd| fd.field("map_type:").as_deref() == Some("1"))
+            .find_map(|fd| fd.field("map_id:"));
         let id = id.context("the agent holds no hash map")?;
         let out = run("bpftool", &["-j", "map", "dump", "id", &id])?;
         let entries: Value = serde_json::from_slice(&out.stdout)?;
@@ -916,4 +909,57 @@ impl Agent {
         }
         Ok(keys)
     }
+}
+
+/// A value from a stats JSON by path (`&["samples", "stored"]`); 0 where
+/// absent, so that a missing field fails the comparison it is used in.
+pub fn stat(v: &Value, path: &[&str]) -> u64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
+}
+
+/// The kernel's description of one file descriptor (`/proc/PID/fdinfo/N`).
+pub struct FdInfo(String);
+
+impl FdInfo {
+    /// The value of a `name:` line (name given with its colon).
+    pub fn field(&self, name: &str) -> Option<String> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+    }
+}
+
+/// Every open file descriptor of `pid` that is a BPF map or program.
+pub fn bpf_fds(pid: u32) -> anyhow::Result<Vec<FdInfo>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = FdInfo(fs::read_to_string(entry?.path()).unwrap_or_default());
+        if info.field("map_id:").is_some() || info.field("prog_id:").is_some() {
+            out.push(info);
+        }
+    }
+    Ok(out)
+}
+
+/// A size line of `/proc/PID/status` (`VmHWM:`, `VmRSS:`) in MB.
+pub fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kb / 1024.0)
+}
+
+/// Waits until something in `ns` listens on TCP `port`.
+pub fn wait_listening(ns: &Netns, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pat = format!(":{port}");
+    while !String::from_utf8_lossy(&ns.exec("ss", &["-Htln"])?.stdout).contains(&pat) {
+        ensure!(Instant::now() < deadline, "nothing listens on {port}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }

@@ -226,10 +226,6 @@ fn start(
     })
 }
 
-fn u(v: &Value, path: &[&str]) -> u64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
-}
-
 fn tcp_throughput(size: &Size, report: &mut Report) -> anyhow::Result<()> {
     let pair = VethPair::new(true)?;
     let dir = TempDir::new("tcp")?;
@@ -268,9 +264,9 @@ fn tcp_throughput(size: &Size, report: &mut Report) -> anyhow::Result<()> {
             if let (Some((pid, a)), Some(c0)) = (agent, cpu0) {
                 agent_cpu.push((cpu_seconds(pid)? - c0) / f64::from(size.tcp_seconds) * 100.0);
                 let (stats, _) = quiet_stats(a, &pair.b, "vb")?;
-                dropped += u(&stats, &["ring_buffer_drops"])
-                    + u(&stats, &["samples", "dropped", "writer_backlog"])
-                    + u(&stats, &["samples", "dropped", "storage_error"]);
+                dropped += stat(&stats, &["ring_buffer_drops"])
+                    + stat(&stats, &["samples", "dropped", "writer_backlog"])
+                    + stat(&stats, &["samples", "dropped", "storage_error"]);
                 let cpu = &v["end"]["cpu_utilization_percent"];
                 iperf_cpu.push((
                     cpu["host_total"].as_f64().unwrap_or(0.0),
@@ -326,23 +322,11 @@ fn tcp_throughput(size: &Size, report: &mut Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wait_listening(ns: &Netns, port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let pat = format!(":{port}");
-    while !String::from_utf8_lossy(&ns.exec("ss", &["-Htln"])?.stdout).contains(&pat) {
-        ensure!(Instant::now() < deadline, "nothing listens on {port}");
-        thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 /// Writes a pcap of `count` 60-byte UDP frames to B (B's MAC and address),
 /// cycling through `flows` source ports and addresses.
 fn write_udp_pcap(path: &Path, pair: &VethPair, count: u64, flows: u32) -> anyhow::Result<()> {
     let mac = |ns: &Netns, dev: &str| -> anyhow::Result<[u8; 6]> {
-        let out = ns.exec("ip", &["-j", "link", "show", dev])?;
-        let v: Value = serde_json::from_slice(&out.stdout)?;
-        let text = v[0]["address"].as_str().context("mac")?;
+        let text = mac_address(ns, dev)?;
         let mut m = [0u8; 6];
         for (d, p) in m.iter_mut().zip(text.split(':')) {
             *d = u8::from_str_radix(p, 16)?;
@@ -427,17 +411,6 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
-/// A `/proc/PID/status` size field (VmHWM, VmRSS) in MB.
-fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field}"))?;
-    Ok(kb / 1024.0)
-}
-
 fn small_packets(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<()> {
     let pair = VethPair::new(true)?;
     let dir = TempDir::new("small")?;
@@ -460,16 +433,16 @@ fn small_packets(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Re
             rates[i].push(pps);
             if let (Running::Agent(a), Some(s0)) = (&running, before) {
                 let (s, _) = quiet_stats(a, &pair.b, "vb")?;
-                let counted = u(&s, &["total_packets"]) - u(&s0, &["total_packets"]);
+                let counted = stat(&s, &["total_packets"]) - stat(&s0, &["total_packets"]);
                 let kept = |v: &Value| {
-                    u(v, &["samples", "stored"])
-                        + u(v, &["samples", "dropped", "ring_buffer_full"])
-                        + u(v, &["samples", "dropped", "writer_backlog"])
-                        + u(v, &["samples", "dropped", "storage_error"])
+                    stat(v, &["samples", "stored"])
+                        + stat(v, &["samples", "dropped", "ring_buffer_full"])
+                        + stat(v, &["samples", "dropped", "writer_backlog"])
+                        + stat(v, &["samples", "dropped", "storage_error"])
                 };
-                let drops = u(&s, &["samples", "dropped", "ring_buffer_full"])
-                    + u(&s, &["samples", "dropped", "writer_backlog"])
-                    + u(&s, &["samples", "dropped", "storage_error"]);
+                let drops = stat(&s, &["samples", "dropped", "ring_buffer_full"])
+                    + stat(&s, &["samples", "dropped", "writer_backlog"])
+                    + stat(&s, &["samples", "dropped", "storage_error"]);
                 exact.push((sent, counted, kept(&s) - kept(&s0), drops));
             }
         }
@@ -528,11 +501,11 @@ fn small_packets(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Re
     let (s, _) = quiet_stats(agent, &pair.b, "vb")?;
     let cpu = cpu_seconds(pid)? - cpu0;
     let rss = status_mb(pid, "VmHWM:")?;
-    let counted = u(&s, &["total_packets"]) - u(&s0, &["total_packets"]);
-    let stored = u(&s, &["samples", "stored"]) - u(&s0, &["samples", "stored"]);
-    let drops = (u(&s, &["ring_buffer_drops"]) - u(&s0, &["ring_buffer_drops"]))
-        + u(&s, &["samples", "dropped", "writer_backlog"])
-        + u(&s, &["samples", "dropped", "storage_error"]);
+    let counted = stat(&s, &["total_packets"]) - stat(&s0, &["total_packets"]);
+    let stored = stat(&s, &["samples", "stored"]) - stat(&s0, &["samples", "stored"]);
+    let drops = (stat(&s, &["ring_buffer_drops"]) - stat(&s0, &["ring_buffer_drops"]))
+        + stat(&s, &["samples", "dropped", "writer_backlog"])
+        + stat(&s, &["samples", "dropped", "storage_error"]);
     let _ = writeln!(
         body,
         "\nSustained: `tcpreplay -K --pps={}` of {frames} frames with LightShark: achieved {pps:.0} packets/s, \
@@ -597,13 +570,10 @@ fn mitigation() -> String {
 /// frame, as the kernel times `BPF_PROG_TEST_RUN`; and how much of that a
 /// filtered-out frame saves (the flow-map update and the ring record).
 fn program_cost(pid: u32, work: &Path) -> anyhow::Result<(f64, f64)> {
-    let mut progs = Vec::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let info = fs::read_to_string(entry?.path()).unwrap_or_default();
-        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) {
-            progs.push(id.trim().to_owned());
-        }
-    }
+    let progs: Vec<String> = bpf_fds(pid)?
+        .iter()
+        .filter_map(|fd| fd.field("prog_id:"))
+        .collect();
     let ingress = progs
         .iter()
         .find(|id| {
@@ -653,16 +623,10 @@ fn program_cost(pid: u32, work: &Path) -> anyhow::Result<(f64, f64)> {
 /// Memory the kernel charges for the agent's BPF maps, by map type.
 fn map_memory(pid: u32) -> anyhow::Result<(f64, f64)> {
     let (mut flows, mut all) = (0.0, 0.0);
-    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let info = fs::read_to_string(entry?.path()).unwrap_or_default();
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_owned())
-        };
-        if let Some(mem) = field("memlock:").and_then(|m| m.parse::<f64>().ok()) {
+    for fd in bpf_fds(pid)? {
+        if let Some(mem) = fd.field("memlock:").and_then(|m| m.parse::<f64>().ok()) {
             all += mem;
-            if field("map_type:").as_deref() == Some("1") {
+            if fd.field("map_type:").as_deref() == Some("1") {
                 flows += mem;
             }
         }
@@ -737,7 +701,7 @@ fn flow_scale(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Resul
     };
     replay(&pair, &pcap, Some(50_000))?;
     let (stats, _) = quiet_stats(agent, &pair.b, "vb")?;
-    let active = u(&stats, &["active_connections"]);
+    let active = stat(&stats, &["active_connections"]);
     let pid = agent.pid().context("pid")?;
     let (p50, p99, rps, errors) = wrk(&pair.b, "/api/live", 32, size.latency_seconds)?;
     let rss = status_mb(pid, "VmHWM:")?;
