@@ -126,6 +126,45 @@ pub struct Totals {
     pub flow_map_full: u64,
     /// Frames a filter left out; they are in no other counter.
     pub filtered_out: u64,
+    /// Packets and bytes by direction ([`DIRECTION_INGRESS`] or
+    /// [`DIRECTION_EGRESS`]) and [`protocol_class`]: every frame the
+    /// direction's total counts is in exactly one class.
+    pub by_class: [[Counter; PROTOCOL_CLASSES]; 2],
+}
+
+/// Protocol classes of [`Totals::by_class`]: a fixed, small set, so that
+/// metrics labelled by it stay bounded. Indexes into the array.
+pub const CLASS_TCP: usize = 0;
+/// See [`CLASS_TCP`].
+pub const CLASS_UDP: usize = 1;
+/// See [`CLASS_TCP`].
+pub const CLASS_ICMP: usize = 2;
+/// See [`CLASS_TCP`].
+pub const CLASS_ICMPV6: usize = 3;
+/// See [`CLASS_TCP`].
+pub const CLASS_SCTP: usize = 4;
+/// Any other IP protocol (UDP-Lite, GRE, ESP, ...).
+pub const CLASS_OTHER_IP: usize = 5;
+/// Frames without a readable IP header.
+pub const CLASS_NON_IP: usize = 6;
+/// Number of protocol classes.
+pub const PROTOCOL_CLASSES: usize = 7;
+/// The name of each class, by index, as metrics label it.
+pub const PROTOCOL_CLASS_NAMES: [&str; PROTOCOL_CLASSES] =
+    ["tcp", "udp", "icmp", "icmpv6", "sctp", "other_ip", "non_ip"];
+
+/// The class of an IP packet, by the protocol number its flow is keyed on
+/// (after IPv6 extension headers).
+#[inline(always)]
+pub const fn protocol_class(protocol: u8) -> usize {
+    match protocol {
+        6 => CLASS_TCP,
+        17 => CLASS_UDP,
+        1 => CLASS_ICMP,
+        58 => CLASS_ICMPV6,
+        132 => CLASS_SCTP,
+        _ => CLASS_OTHER_IP,
+    }
 }
 
 /// [`Filter::flags`] bit: only packets with [`Filter::port`] as either port.
@@ -182,7 +221,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<FlowStats>(), 32);
         assert_eq!(size_of::<Sample>(), 64);
-        assert_eq!(size_of::<Totals>(), 14 * 8);
+        assert_eq!(size_of::<Totals>(), 14 * 8 + 2 * PROTOCOL_CLASSES * 16);
         assert_eq!(size_of::<Filter>(), 24);
         assert_eq!(size_of::<Counter>(), 16);
     }

@@ -24,9 +24,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lightshark_common::{
-    Counter, Filter, FlowKey, FlowStats, Sample, Totals, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL, NONIP_LLC, NONIP_OTHER,
-    NONIP_RUNT,
+    protocol_class, Counter, Filter, FlowKey, FlowStats, Sample, Totals, CLASS_NON_IP,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT,
+    FILTER_PROTOCOL, NONIP_LLC, NONIP_OTHER, NONIP_RUNT,
 };
 
 /// Sizes here are defaults; the agent sets the real ones at load time.
@@ -157,6 +157,15 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
         totals.egress_packets += segs;
         totals.egress_bytes += wire;
     }
+    let class = match &parsed {
+        Parsed::Ip { key, .. } => protocol_class(key.protocol),
+        Parsed::NonIp(_) => CLASS_NON_IP,
+    };
+    // `direction` is a constant in each program and the class one of a
+    // few constants, so this is a computed offset: no bounds check.
+    let by_class = &mut totals.by_class[direction as usize][class];
+    by_class.packets += segs;
+    by_class.bytes += wire;
 
     match parsed {
         Parsed::NonIp(ethertype) => {

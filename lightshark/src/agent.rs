@@ -81,9 +81,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         feed: Feed::default(),
         live_cache: Default::default(),
         token: config.api_token.clone(),
+        flow_map_capacity: config.flow_map_size,
     });
     log::info!(
-        "API on http://{addr}: /api/health /api/live /api/stats /api/history /api/stream{}",
+        "API on http://{addr}: /api/health /api/live /api/stats /api/history /api/stream /metrics{}",
         if config.api_token.is_some() {
             " (token required)"
         } else {

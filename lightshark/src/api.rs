@@ -14,7 +14,6 @@ use hyper::{
     header, Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use lightshark_common::{NONIP_LLC, NONIP_OTHER, NONIP_RUNT};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
@@ -22,6 +21,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     flows::{LiveState, Snapshot},
     ledger::Tally,
+    metrics,
     samples::ReaderStats,
     store::{SampleStore, WriterStats},
     stream::{self, Feed, NotWebSocket},
@@ -52,6 +52,8 @@ pub struct ApiState {
     pub live_cache: Mutex<Option<(Arc<Snapshot>, Bytes)>>,
     /// `--api-token`: when set, every endpoint but /api/health wants it.
     pub token: Option<String>,
+    /// `--flow-map-size`: the flows the kernel map can hold.
+    pub flow_map_capacity: u32,
 }
 
 /// Listens on `bind`, or on all addresses: IPv6 and IPv4 together where the
@@ -159,6 +161,7 @@ const ROUTES: &[&str] = &[
     "/api/stats",
     "/api/history",
     "/api/stream",
+    "/metrics",
 ];
 
 /// Dispatches a request to its handler, after the checks every route shares.
@@ -196,6 +199,12 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         }
         "/api/stats" => no_query(&query).map(|()| json_bytes(&stats(state))),
         "/api/history" => history(state, &query).await,
+        "/metrics" => {
+            return match no_query(&query) {
+                Ok(()) => metrics::reply(state),
+                Err((status, message)) => error(status, message),
+            }
+        }
         _ => {
             return match no_query(&query) {
                 Ok(()) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
@@ -367,13 +376,10 @@ fn stats(state: &ApiState) -> Value {
         .nonip
         .iter()
         .map(|(k, c)| {
-            let name = match *k {
-                NONIP_LLC => "llc".to_owned(),
-                NONIP_RUNT => "runt".to_owned(),
-                NONIP_OTHER => "other".to_owned(),
-                t => format!("0x{t:04x}"),
-            };
-            (name, json!({ "packets": c.packets, "bytes": c.bytes }))
+            (
+                wire::ethertype_name(*k),
+                json!({ "packets": c.packets, "bytes": c.bytes }),
+            )
         })
         .collect();
     json!({

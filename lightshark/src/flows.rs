@@ -120,10 +120,9 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
         .iter()
         .filter_map(Result::ok)
         .map(|(k, per_cpu)| {
-            let c = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            });
+            let c = per_cpu
+                .iter()
+                .fold(Counter::default(), |acc, c| plus(&acc, c));
             (k, c)
         })
         // The "other" entry exists from the start; listed once it counts.
@@ -257,7 +256,17 @@ fn sum_totals(maps: &FlowMaps) -> Totals {
         ringbuf_drop_segments: a.ringbuf_drop_segments + t.ringbuf_drop_segments,
         flow_map_full: a.flow_map_full + t.flow_map_full,
         filtered_out: a.filtered_out + t.filtered_out,
+        by_class: std::array::from_fn(|d| {
+            std::array::from_fn(|c| plus(&a.by_class[d][c], &t.by_class[d][c]))
+        }),
     })
+}
+
+fn plus(a: &Counter, b: &Counter) -> Counter {
+    Counter {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    }
 }
 
 /// Packets and bytes per second over the last [`RATE_WINDOW`], or over the

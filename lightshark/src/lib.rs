@@ -11,6 +11,7 @@ pub mod config;
 pub mod flows;
 pub mod interface;
 pub mod ledger;
+pub mod metrics;
 pub mod priority;
 pub mod samples;
 pub mod store;

@@ -118,6 +118,18 @@ impl SampleStore {
         rows
     }
 
+    /// Bytes the history occupies on disk: the database file and its `-wal`
+    /// (a file that is not there counts 0).
+    pub fn disk_bytes(&self) -> u64 {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        [self.path.as_os_str(), wal.as_os_str()]
+            .into_iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// Closes the pooled read connections (queries after this open new ones).
     pub fn close_readers(&self) {
         self.readers

@@ -3,7 +3,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lightshark_common::{FlowKey, DIRECTION_INGRESS, FAMILY_IPV4};
+use lightshark_common::{
+    FlowKey, DIRECTION_INGRESS, FAMILY_IPV4, NONIP_LLC, NONIP_OTHER, NONIP_RUNT,
+};
 
 /// The API's name for an IP protocol number: the common ones by name, any
 /// other as its decimal number.
@@ -18,6 +20,17 @@ pub fn protocol_name(protocol: u8) -> String {
         58 => "ICMPv6".into(),
         132 => "SCTP".into(),
         other => other.to_string(),
+    }
+}
+
+/// The name of a non-IP counter key: `0x0806` for an ethertype, or `llc`,
+/// `runt`, `other` for the keys that are not one.
+pub fn ethertype_name(key: u16) -> String {
+    match key {
+        NONIP_LLC => "llc".to_owned(),
+        NONIP_RUNT => "runt".to_owned(),
+        NONIP_OTHER => "other".to_owned(),
+        t => format!("0x{t:04x}"),
     }
 }
 

