@@ -32,6 +32,9 @@ pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_TOTALS: &str = "TOTALS";
 /// Name of the per-CPU non-IP counters keyed by ethertype.
 pub const MAP_NONIP: &str = "NONIP";
+/// Name of the per-CPU packet and byte counters by direction and protocol
+/// class (see [`class_slot`]).
+pub const MAP_CLASSES: &str = "CLASSES";
 /// Name of the sample ring buffer in the kernel object.
 pub const MAP_SAMPLES: &str = "SAMPLES";
 
@@ -126,14 +129,11 @@ pub struct Totals {
     pub flow_map_full: u64,
     /// Frames a filter left out; they are in no other counter.
     pub filtered_out: u64,
-    /// Packets and bytes by direction ([`DIRECTION_INGRESS`] or
-    /// [`DIRECTION_EGRESS`]) and [`protocol_class`]: every frame the
-    /// direction's total counts is in exactly one class.
-    pub by_class: [[Counter; PROTOCOL_CLASSES]; 2],
 }
 
-/// Protocol classes of [`Totals::by_class`]: a fixed, small set, so that
-/// metrics labelled by it stay bounded. Indexes into the array.
+/// Protocol classes of the per-CPU [`MAP_CLASSES`] counters: a fixed, small
+/// set, so that metrics labelled by it stay bounded. Every frame a
+/// direction's total counts is in exactly one class.
 pub const CLASS_TCP: usize = 0;
 /// See [`CLASS_TCP`].
 pub const CLASS_UDP: usize = 1;
@@ -165,6 +165,13 @@ pub const fn protocol_class(protocol: u8) -> usize {
         132 => CLASS_SCTP,
         _ => CLASS_OTHER_IP,
     }
+}
+
+/// The [`MAP_CLASSES`] slot of a direction ([`DIRECTION_INGRESS`] or
+/// [`DIRECTION_EGRESS`]) and a protocol class.
+#[inline(always)]
+pub const fn class_slot(direction: u8, class: usize) -> u32 {
+    direction as u32 * PROTOCOL_CLASSES as u32 + class as u32
 }
 
 /// [`Filter::flags`] bit: only packets with [`Filter::port`] as either port.
@@ -221,7 +228,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<FlowStats>(), 32);
         assert_eq!(size_of::<Sample>(), 64);
-        assert_eq!(size_of::<Totals>(), 14 * 8 + 2 * PROTOCOL_CLASSES * 16);
+        assert_eq!(size_of::<Totals>(), 14 * 8);
         assert_eq!(size_of::<Filter>(), 24);
         assert_eq!(size_of::<Counter>(), 16);
     }

@@ -24,9 +24,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lightshark_common::{
-    protocol_class, Counter, Filter, FlowKey, FlowStats, Sample, Totals, CLASS_NON_IP,
+    class_slot, protocol_class, Counter, Filter, FlowKey, FlowStats, Sample, Totals, CLASS_NON_IP,
     DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT,
-    FILTER_PROTOCOL, NONIP_LLC, NONIP_OTHER, NONIP_RUNT,
+    FILTER_PROTOCOL, NONIP_LLC, NONIP_OTHER, NONIP_RUNT, PROTOCOL_CLASSES,
 };
 
 /// Sizes here are defaults; the agent sets the real ones at load time.
@@ -36,6 +36,9 @@ static FLOWS: HashMap<FlowKey, FlowStats> = HashMap::with_max_entries(131_072, 0
 static TOTALS: PerCpuArray<Totals> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static NONIP: PerCpuHashMap<u16, Counter> = PerCpuHashMap::with_max_entries(1024, 0);
+#[map]
+static CLASSES: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(2 * PROTOCOL_CLASSES as u32, 0);
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
@@ -157,23 +160,16 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
         totals.egress_packets += segs;
         totals.egress_bytes += wire;
     }
-    let class = match &parsed {
-        Parsed::Ip { key, .. } => protocol_class(key.protocol),
-        Parsed::NonIp(_) => CLASS_NON_IP,
-    };
-    // `direction` is a constant in each program and the class one of a
-    // few constants, so this is a computed offset: no bounds check.
-    let by_class = &mut totals.by_class[direction as usize][class];
-    by_class.packets += segs;
-    by_class.bytes += wire;
 
     match parsed {
         Parsed::NonIp(ethertype) => {
             totals.nonip_packets += segs;
             totals.nonip_bytes += wire;
+            count_class(direction, CLASS_NON_IP, segs, wire);
             count_nonip(ethertype, segs, wire);
         }
         Parsed::Ip { mut key, .. } => {
+            count_class(direction, protocol_class(key.protocol), segs, wire);
             key.ifindex = skb.ifindex;
             let now = unsafe { bpf_ktime_get_ns() };
             if !count_flow(&key, segs, wire, now) {
@@ -272,6 +268,17 @@ fn add_to_flow(key: &FlowKey, segs: u64, wire: u64, now: u64) -> bool {
     true
 }
 
+/// Adds to the counter of the direction and protocol class. A map slot of
+/// its own rather than an array in Totals: the lookup returns the slot's
+/// address, where an index into Totals would be a pointer offset that
+/// differs by path, which the verifier allows only with CAP_PERFMON.
+#[inline(always)]
+fn count_class(direction: u8, class: usize, segs: u64, wire: u64) {
+    if let Some(c) = CLASSES.get_ptr_mut(class_slot(direction, class)) {
+        add_to(c, segs, wire);
+    }
+}
+
 #[inline(always)]
 fn count_nonip(ethertype: u16, segs: u64, wire: u64) {
     if add_to_nonip(ethertype, segs, wire) {
@@ -295,10 +302,16 @@ fn add_to_nonip(key: u16, segs: u64, wire: u64) -> bool {
     let Some(c) = NONIP.get_ptr_mut(key) else {
         return false;
     };
+    add_to(c, segs, wire);
+    true
+}
+
+/// Adds to a per-CPU counter (no other CPU writes it: no atomics needed).
+#[inline(always)]
+fn add_to(c: *mut Counter, segs: u64, wire: u64) {
     let c = unsafe { &mut *c };
     c.packets += segs;
     c.bytes += wire;
-    true
 }
 
 #[inline(always)]

@@ -66,6 +66,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             flows: maps.flows,
             totals: maps.totals,
             nonip: maps.nonip,
+            classes: maps.classes,
         },
         live.clone(),
         config.connection_timeout,

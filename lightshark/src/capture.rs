@@ -20,8 +20,8 @@ use aya::{
 };
 use lightshark_common::{
     Counter, Filter, FlowKey, FlowStats, Totals, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR,
-    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, MAP_FLOWS, MAP_NONIP, MAP_SAMPLES, MAP_TOTALS,
-    NONIP_OTHER, PROG_ETH_EGRESS, PROG_ETH_INGRESS, PROG_RAW_EGRESS, PROG_RAW_INGRESS,
+    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, MAP_CLASSES, MAP_FLOWS, MAP_NONIP, MAP_SAMPLES,
+    MAP_TOTALS, NONIP_OTHER, PROG_ETH_EGRESS, PROG_ETH_INGRESS, PROG_RAW_EGRESS, PROG_RAW_INGRESS,
 };
 
 use crate::{
@@ -37,6 +37,7 @@ pub struct KernelMaps {
     pub flows: HashMap<MapData, FlowKey, FlowStats>,
     pub totals: PerCpuArray<MapData, Totals>,
     pub nonip: PerCpuHashMap<MapData, u16, Counter>,
+    pub classes: PerCpuArray<MapData, Counter>,
     pub samples: RingBuf<MapData>,
 }
 
@@ -147,6 +148,7 @@ impl Capture {
             flows: HashMap::try_from(take(&mut ebpf, MAP_FLOWS)?)?,
             totals: PerCpuArray::try_from(take(&mut ebpf, MAP_TOTALS)?)?,
             nonip,
+            classes: PerCpuArray::try_from(take(&mut ebpf, MAP_CLASSES)?)?,
             samples: RingBuf::try_from(take(&mut ebpf, MAP_SAMPLES)?)?,
         };
         capture.ebpf = Some(ebpf);

@@ -15,7 +15,7 @@ use std::{
 use std::os::fd::AsFd as _;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
-use lightshark_common::{Counter, FlowKey, FlowStats, Totals};
+use lightshark_common::{class_slot, Counter, FlowKey, FlowStats, Totals, PROTOCOL_CLASSES};
 
 use crate::clock::WallClock;
 
@@ -39,6 +39,9 @@ pub struct Flow {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub totals: Totals,
+    /// Packets and bytes by direction and protocol class, indexed
+    /// `[direction][class]` (see lightshark_common::CLASS_*).
+    pub by_class: [[Counter; PROTOCOL_CLASSES]; 2],
     /// Non-IP frames by ethertype key (see lightshark_common::NONIP_*).
     pub nonip: Vec<(u16, Counter)>,
     /// All flows in the kernel map, most packets first.
@@ -72,6 +75,7 @@ pub struct FlowMaps {
     pub flows: HashMap<MapData, FlowKey, FlowStats>,
     pub totals: PerCpuArray<MapData, Totals>,
     pub nonip: PerCpuHashMap<MapData, u16, Counter>,
+    pub classes: PerCpuArray<MapData, Counter>,
 }
 
 /// The running poller thread.
@@ -115,16 +119,19 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
     let now_ns = WallClock::kernel_now_ns();
     let idle = |s: &FlowStats| now_ns.saturating_sub(s.last_seen_ns) >= timeout_ns;
     let totals = sum_totals(maps);
+    let by_class = std::array::from_fn(|direction| {
+        std::array::from_fn(|class| {
+            maps.classes
+                .get(&class_slot(direction as u8, class), 0)
+                .map(|per_cpu| sum(per_cpu.iter()))
+                .unwrap_or_default()
+        })
+    });
     let mut nonip: Vec<(u16, Counter)> = maps
         .nonip
         .iter()
         .filter_map(Result::ok)
-        .map(|(k, per_cpu)| {
-            let c = per_cpu
-                .iter()
-                .fold(Counter::default(), |acc, c| plus(&acc, c));
-            (k, c)
-        })
+        .map(|(k, per_cpu)| (k, sum(per_cpu.iter())))
         // The "other" entry exists from the start; listed once it counts.
         .filter(|(_, c)| c.packets > 0)
         .collect();
@@ -161,6 +168,7 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
     let (packets_per_second, bytes_per_second) = rates.update(totals.packets, totals.bytes);
     Snapshot {
         totals,
+        by_class,
         nonip,
         flows,
         packets_per_second,
@@ -256,17 +264,15 @@ fn sum_totals(maps: &FlowMaps) -> Totals {
         ringbuf_drop_segments: a.ringbuf_drop_segments + t.ringbuf_drop_segments,
         flow_map_full: a.flow_map_full + t.flow_map_full,
         filtered_out: a.filtered_out + t.filtered_out,
-        by_class: std::array::from_fn(|d| {
-            std::array::from_fn(|c| plus(&a.by_class[d][c], &t.by_class[d][c]))
-        }),
     })
 }
 
-fn plus(a: &Counter, b: &Counter) -> Counter {
-    Counter {
-        packets: a.packets + b.packets,
-        bytes: a.bytes + b.bytes,
-    }
+/// One counter's per-CPU values added up.
+fn sum<'a>(per_cpu: impl Iterator<Item = &'a Counter>) -> Counter {
+    per_cpu.fold(Counter::default(), |a, c| Counter {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    })
 }
 
 /// Packets and bytes per second over the last [`RATE_WINDOW`], or over the

@@ -6,9 +6,10 @@
 //! Every label has a small fixed set of values (direction, protocol class,
 //! drop cause, deletion reason) or a bounded one (ethertype: at most 1,024
 //! keys, the rest fold into "other"); nothing is labelled per flow.
-//! Counters come from the kernel's totals and the ledgers, never from the
-//! flow table (flows are deleted when stale) or the samples (which can be
-//! dropped), so they only ever grow while the agent runs.
+//! Counters come from the kernel's per-CPU counters and the ledgers, never
+//! from the flow table (flows are deleted when stale) or the samples (which
+//! can be dropped), so they are exact and only ever grow while the agent
+//! runs.
 
 use std::fmt::{Display, Write as _};
 
@@ -44,7 +45,7 @@ pub fn render(state: &ApiState) -> String {
     let (r, w) = (&state.reader, &state.writer);
     let mut m = Exposition::default();
 
-    let classes: Vec<Series> = t
+    let classes: Vec<Series> = snap
         .by_class
         .iter()
         .enumerate()
