@@ -453,6 +453,30 @@ impl Agent {
         })?
     }
 
+    /// GET `path` for a body that is not JSON: status, the named response
+    /// header (if present) and the raw body.
+    pub fn get_bytes(
+        &self,
+        ns: &Netns,
+        path: &str,
+        header: &str,
+    ) -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
+        assert_eq!(ns.name, self.ns_name, "the agent runs in another namespace");
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let http = self.http.clone();
+        let header = header.to_owned();
+        ns.enter(move || -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
+            let mut resp = http.get(&url).call()?;
+            let value = resp
+                .headers()
+                .get(&header)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = resp.body_mut().with_config().limit(1 << 30).read_to_vec()?;
+            Ok((resp.status().as_u16(), value, body))
+        })?
+    }
+
     /// GET that must answer 200.
     pub fn get_ok(&self, ns: &Netns, path: &str) -> anyhow::Result<Value> {
         let (status, body) = self.get(ns, path)?;

@@ -748,6 +748,9 @@ fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<(
             thread::sleep(Duration::from_micros(200));
         }
         let n = (size.store_rows - made).min(8192);
+        // Each sample carries what the default `--capture-bytes headers`
+        // keeps of a UDP datagram over IPv4 on Ethernet: 42 bytes.
+        let bytes = vec![0x45u8; 42 * n as usize];
         let samples: Vec<Sample> = (made..made + n)
             .map(|i| {
                 let mut key = FlowKey {
@@ -766,8 +769,9 @@ fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<(
                     wire_len: 60,
                     segments: 1,
                     direction: 0,
-                    _pad1: 0,
-                    _pad4: 0,
+                    flags: 0,
+                    captured: 42,
+                    _pad2: 0,
                 }
             })
             .collect();
@@ -775,6 +779,7 @@ fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<(
         tx.send(Batch {
             clock: WallClock::now(),
             samples,
+            bytes,
         })?;
         made += n;
     }
