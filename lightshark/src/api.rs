@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
+    dashboard,
     flows::{LiveState, Snapshot},
     ledger::Tally,
     samples::ReaderStats,
@@ -75,9 +76,10 @@ pub async fn listen(bind: Option<IpAddr>, port: u16) -> anyhow::Result<TcpListen
     }
 }
 
-/// Whether the request carries the token (`Authorization: Bearer ...`),
-/// compared in constant time so the answer's timing tells nothing about it.
-fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
+/// Whether the request carries the token (`Authorization: Bearer ...`, or
+/// `query_token` where the route takes one), compared in constant time so
+/// the answer's timing tells nothing about it.
+fn authorized(state: &ApiState, headers: &header::HeaderMap, query_token: Option<&str>) -> bool {
     let Some(token) = &state.token else {
         return true;
     };
@@ -89,6 +91,7 @@ fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
             let v = v.as_bytes();
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
         })
+        .chain(query_token.map(str::as_bytes))
         .any(|given| constant_time_eq(given, token.as_bytes()))
 }
 
@@ -154,12 +157,17 @@ pub async fn serve(
 
 /// Every endpoint; each answers GET only.
 const ROUTES: &[&str] = &[
+    dashboard::PATH,
     "/api/health",
     "/api/live",
     "/api/stats",
     "/api/history",
     "/api/stream",
 ];
+
+/// Served without the token: the health probe, and the dashboard page,
+/// which holds no data.
+const OPEN: &[&str] = &["/api/health", dashboard::PATH];
 
 /// Dispatches a request to its handler, after the checks every route shares.
 async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
@@ -168,7 +176,13 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     if !ROUTES.contains(&path.as_str()) {
         return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
     }
-    if path != "/api/health" && !authorized(state, req.headers()) {
+    // Browsers cannot set headers on a WebSocket: the stream also takes the
+    // token as a query parameter.
+    let query_token = (path == "/api/stream")
+        .then(|| query_pairs(&query).find(|(name, _)| name == "token"))
+        .flatten()
+        .map(|(_, value)| value);
+    if !OPEN.contains(&path.as_str()) && !authorized(state, req.headers(), query_token.as_deref()) {
         let mut reply = error(
             StatusCode::UNAUTHORIZED,
             "this endpoint needs the API token: Authorization: Bearer <token>".into(),
@@ -196,9 +210,15 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         }
         "/api/stats" => no_query(&query).map(|()| json_bytes(&stats(state))),
         "/api/history" => history(state, &query).await,
-        _ => {
+        dashboard::PATH => {
             return match no_query(&query) {
-                Ok(()) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
+                Ok(()) => dashboard::page(),
+                Err((status, message)) => error(status, message),
+            }
+        }
+        _ => {
+            return match only_param("/api/stream", &query, "token") {
+                Ok(_) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
                     let mut reply = error(StatusCode::UPGRADE_REQUIRED, why);
                     reply.headers_mut().insert(
                         header::SEC_WEBSOCKET_VERSION,
@@ -450,20 +470,32 @@ fn limit_param(
     default: u32,
     max: u32,
 ) -> Result<u32, (StatusCode, String)> {
-    let mut limit = None;
+    match only_param(path, query, "limit")? {
+        Some(value) => parse_limit(&value, max),
+        None => Ok(default),
+    }
+}
+
+/// The value of `allowed`, the one query parameter `path` takes, given at
+/// most once; any other parameter is a 400 naming it.
+fn only_param(
+    path: &str,
+    query: &str,
+    allowed: &str,
+) -> Result<Option<String>, (StatusCode, String)> {
+    let mut found = None;
     for (name, value) in query_pairs(query) {
-        if name != "limit" {
+        if name != allowed {
             return Err(bad_request(format!(
-                "unknown query parameter {name:?}; {path} takes: limit"
+                "unknown query parameter {name:?}; {path} takes: {allowed}"
             )));
         }
-        if limit.is_some() {
-            return Err(bad_request("limit is given more than once".into()));
+        if found.is_some() {
+            return Err(bad_request(format!("{allowed} is given more than once")));
         }
-        limit = Some(parse_limit(&value, max)?);
+        found = Some(value);
     }
-    let limit = limit.unwrap_or(default);
-    Ok(limit)
+    Ok(found)
 }
 
 fn parse_limit(value: &str, max: u32) -> Result<u32, (StatusCode, String)> {

@@ -8,6 +8,7 @@ pub mod caps;
 pub mod capture;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod flows;
 pub mod interface;
 pub mod ledger;
