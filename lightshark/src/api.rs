@@ -21,10 +21,11 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     clock::WallClock,
+    dashboard,
     flows::{LiveState, Snapshot},
     history::{self, TopBy},
     ledger::Tally,
-    params::Params,
+    params::{query_pairs, Params},
     samples::ReaderStats,
     store::{SampleStore, WriterStats},
     stream::{self, Feed, NotWebSocket},
@@ -90,9 +91,10 @@ pub async fn listen(bind: Option<IpAddr>, port: u16) -> anyhow::Result<TcpListen
     }
 }
 
-/// Whether the request carries the token (`Authorization: Bearer ...`),
-/// compared in constant time so the answer's timing tells nothing about it.
-fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
+/// Whether the request carries the token (`Authorization: Bearer ...`, or
+/// `query_token` where the route takes one), compared in constant time so
+/// the answer's timing tells nothing about it.
+fn authorized(state: &ApiState, headers: &header::HeaderMap, query_token: Option<&str>) -> bool {
     let Some(token) = &state.token else {
         return true;
     };
@@ -104,6 +106,7 @@ fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
             let v = v.as_bytes();
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
         })
+        .chain(query_token.map(str::as_bytes))
         .any(|given| constant_time_eq(given, token.as_bytes()))
 }
 
@@ -169,6 +172,7 @@ pub async fn serve(
 
 /// Every endpoint; each answers GET only.
 const ROUTES: &[&str] = &[
+    dashboard::PATH,
     "/api/health",
     "/api/live",
     "/api/stats",
@@ -178,6 +182,10 @@ const ROUTES: &[&str] = &[
     "/api/stream",
 ];
 
+/// Served without the token: the health probe, and the dashboard page,
+/// which holds no data.
+const OPEN: &[&str] = &["/api/health", dashboard::PATH];
+
 /// Dispatches a request to its handler, after the checks every route shares.
 async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     let path = req.uri().path().to_owned();
@@ -185,10 +193,18 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     if !ROUTES.contains(&path.as_str()) {
         return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
     }
-    if path != "/api/health" && !authorized(state, req.headers()) {
+    // Browsers cannot set headers on a WebSocket: the stream also takes the
+    // token as a query parameter.
+    let query_token = (path == "/api/stream")
+        .then(|| query_pairs(&query).find(|(name, _)| name == "token"))
+        .flatten()
+        .map(|(_, value)| value);
+    if !OPEN.contains(&path.as_str()) && !authorized(state, req.headers(), query_token.as_deref()) {
         let mut reply = error(
             StatusCode::UNAUTHORIZED,
-            "this endpoint needs the API token: Authorization: Bearer <token>".into(),
+            "this endpoint needs the API token: Authorization: Bearer <token> \
+             (the WebSocket /api/stream also takes ?token=<token>)"
+                .into(),
         );
         reply.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -216,9 +232,15 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         "/api/history" => history(state, &path, &query).await,
         "/api/history.pcap" => return history_pcap(state, &path, &query).await,
         "/api/top" => top(state, &path, &query).await,
-        _ => {
+        dashboard::PATH => {
             return match no_query(&path, &query) {
-                Ok(()) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
+                Ok(()) => dashboard::page(),
+                Err((status, message)) => error(status, message),
+            }
+        }
+        _ => {
+            return match Params::parse(&path, &query, &["token"]) {
+                Ok(_) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
                     let mut reply = error(StatusCode::UPGRADE_REQUIRED, why);
                     reply.headers_mut().insert(
                         header::SEC_WEBSOCKET_VERSION,
@@ -226,7 +248,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
                     );
                     reply
                 }),
-                Err((status, message)) => error(status, message),
+                Err(message) => error(StatusCode::BAD_REQUEST, message),
             }
         }
     };

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod chunks;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod flows;
 pub mod history;
 pub mod interface;

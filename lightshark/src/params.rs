@@ -118,7 +118,7 @@ fn whole_number(text: &str) -> Option<u64> {
 
 /// `name=value` pairs of a query string, percent-decoded (`+` is a space);
 /// empty pieces (`a=1&&b=2`) skipped.
-fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
     query
         .split('&')
         .filter(|p| !p.is_empty())
