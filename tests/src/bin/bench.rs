@@ -82,6 +82,8 @@ fn main() -> anyhow::Result<()> {
     flow_scale(size, &work, &mut report)?;
     eprintln!("bench: storage");
     storage(size, &work, &mut report)?;
+    eprintln!("bench: API under load");
+    api_under_load(size, &mut report)?;
     let text = report.render(tiny, started.elapsed());
     fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
     eprintln!(
@@ -814,12 +816,30 @@ fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<(
     let mid = first_ts + (last_ts - first_ts) / 2;
     let half = stored / 2;
     let queries = [
-        (format!("/api/history?limit=1000&before={half}"), "a page from the middle (`before` cursor)"),
-        (format!("/api/history?limit=1000&since={mid}&until={}", mid + 50), "a 50 ms window in the middle"),
-        ("/api/history?limit=100&ip=10.0.3.7".to_owned(), "an address in 1 row of 65,536"),
-        ("/api/history?limit=100&port=12345".to_owned(), "a port in 1 row of 60,000"),
-        ("/api/history?limit=100&port=443&protocol=udp".to_owned(), "a port and protocol in every row"),
-        (format!("/api/top?by=ip&since={mid}&until={}", mid + 100), "`/api/top?by=ip` over 100 ms (about 100k rows)"),
+        (
+            format!("/api/history?limit=1000&before={half}"),
+            "a page from the middle (`before` cursor)",
+        ),
+        (
+            format!("/api/history?limit=1000&since={mid}&until={}", mid + 50),
+            "a 50 ms window in the middle",
+        ),
+        (
+            "/api/history?limit=100&ip=10.0.3.7".to_owned(),
+            "an address in 1 row of 65,536",
+        ),
+        (
+            "/api/history?limit=100&port=12345".to_owned(),
+            "a port in 1 row of 60,000",
+        ),
+        (
+            "/api/history?limit=100&port=443&protocol=udp".to_owned(),
+            "a port and protocol in every row",
+        ),
+        (
+            format!("/api/top?by=ip&since={mid}&until={}", mid + 100),
+            "`/api/top?by=ip` over 100 ms (about 100k rows)",
+        ),
     ];
     let mut filtered = String::new();
     let seconds = (size.latency_seconds / 2).max(1);
@@ -849,5 +869,37 @@ fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<(
         format!("{rate:.0} rows/s"),
     );
     report.section("5. Storage", body);
+    Ok(())
+}
+
+/// The API under the load of tests/load.rs, for its peak memory.
+fn api_under_load(size: &Size, report: &mut Report) -> anyhow::Result<()> {
+    let pair = VethPair::new(false)?;
+    let dir = TempDir::new("load")?;
+    let agent = Agent::start(&pair.b, "vb", &dir, &["--quiet"])?;
+    let seconds = size.latency_seconds * 3;
+    let load = api_load(&pair, &dir, seconds)?;
+    let rss = status_mb(agent.pid().context("pid")?, "VmHWM:")?;
+    let body = format!(
+        "`wrk -t2 -c64 -d{seconds}s` cycling through `/api/live`, `/api/stats` and \
+         `/api/history?limit=1000` while 5,000 UDP datagrams a second flow through the monitored \
+         veth (the load of tests/load.rs, whose memory cap is 256 MB, the sidecar's limit in \
+         deploy/kubernetes/deployment.yaml).\n\n| measure | value |\n|---|---|\n\
+         | requests | {} ({:.0}/s) |\n| errors (non-2xx or socket) | {} |\n\
+         | agent peak RSS (VmHWM) | {rss:.1} MB |\n",
+        load.requests,
+        load.requests as f64 / f64::from(seconds),
+        if load.errors {
+            "some (see wrk's report)"
+        } else {
+            "none"
+        },
+    );
+    report.target(
+        "API load: no errors, peak RSS under 256 MB",
+        !load.errors && rss < 256.0,
+        format!("{rss:.1} MB"),
+    );
+    report.section("6. API under load", body);
     Ok(())
 }
