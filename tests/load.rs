@@ -2,8 +2,6 @@
 //! and hundreds of WebSocket clients, some of which never read.
 
 use std::{
-    fs,
-    net::UdpSocket,
     thread,
     time::{Duration, Instant},
 };
