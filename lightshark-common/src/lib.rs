@@ -32,9 +32,9 @@ pub const MAP_FLOWS: &str = "FLOWS";
 pub const MAP_TOTALS: &str = "TOTALS";
 /// Name of the per-CPU non-IP counters keyed by ethertype.
 pub const MAP_NONIP: &str = "NONIP";
-/// Name of the per-CPU packet and byte counters by direction and protocol
-/// class (see [`class_slot`]).
-pub const MAP_CLASSES: &str = "CLASSES";
+/// Name of the per-CPU packet and byte counters by direction and IP
+/// protocol number (see [`protocol_slot`]).
+pub const MAP_PROTOCOLS: &str = "PROTOCOLS";
 /// Name of the sample ring buffer in the kernel object.
 pub const MAP_SAMPLES: &str = "SAMPLES";
 
@@ -164,11 +164,29 @@ pub struct Totals {
     pub flow_map_full: u64,
     /// Frames a filter left out; they are in no other counter.
     pub filtered_out: u64,
+    /// Not a counter: where the kernel program parks a packet's protocol
+    /// number before using it as a [`MAP_PROTOCOLS`] key, so that the
+    /// verifier does not tie the key to the parsing paths (it would walk
+    /// each of them apart, past its instruction limit).
+    pub protocol_scratch: u64,
 }
 
-/// Protocol classes of the per-CPU [`MAP_CLASSES`] counters: a fixed, small
-/// set, so that metrics labelled by it stay bounded. Every frame a
-/// direction's total counts is in exactly one class.
+/// Slots per direction in [`MAP_PROTOCOLS`]: one per IP protocol number,
+/// and [`NON_IP_SLOT`]. Every frame a direction's total counts is in
+/// exactly one of them.
+pub const PROTOCOL_SLOTS: u32 = 257;
+/// The [`MAP_PROTOCOLS`] slot of frames without a readable IP header.
+pub const NON_IP_SLOT: u32 = 256;
+
+/// The [`MAP_PROTOCOLS`] slot of a direction ([`DIRECTION_INGRESS`] or
+/// [`DIRECTION_EGRESS`]) and an IP protocol number or [`NON_IP_SLOT`].
+#[inline(always)]
+pub const fn protocol_slot(direction: u8, protocol: u32) -> u32 {
+    direction as u32 * PROTOCOL_SLOTS + protocol
+}
+
+/// Protocol classes the agent folds the [`MAP_PROTOCOLS`] counters into: a
+/// fixed, small set, so that metrics labelled by it stay bounded.
 pub const CLASS_TCP: usize = 0;
 /// See [`CLASS_TCP`].
 pub const CLASS_UDP: usize = 1;
@@ -184,15 +202,18 @@ pub const CLASS_OTHER_IP: usize = 5;
 pub const CLASS_NON_IP: usize = 6;
 /// Number of protocol classes.
 pub const PROTOCOL_CLASSES: usize = 7;
+
 /// The name of each class, by index, as metrics label it.
 pub const PROTOCOL_CLASS_NAMES: [&str; PROTOCOL_CLASSES] =
     ["tcp", "udp", "icmp", "icmpv6", "sctp", "other_ip", "non_ip"];
 
-/// The class of an IP packet, by the protocol number its flow is keyed on
-/// (after IPv6 extension headers).
+/// The class of a [`MAP_PROTOCOLS`] slot's protocol: an IP protocol number
+/// (the one the flow is keyed on, after IPv6 extension headers) or
+/// [`NON_IP_SLOT`].
 #[inline(always)]
-pub const fn protocol_class(protocol: u8) -> usize {
+pub const fn protocol_class(protocol: u32) -> usize {
     match protocol {
+        NON_IP_SLOT => CLASS_NON_IP,
         6 => CLASS_TCP,
         17 => CLASS_UDP,
         1 => CLASS_ICMP,
@@ -200,13 +221,6 @@ pub const fn protocol_class(protocol: u8) -> usize {
         132 => CLASS_SCTP,
         _ => CLASS_OTHER_IP,
     }
-}
-
-/// The [`MAP_CLASSES`] slot of a direction ([`DIRECTION_INGRESS`] or
-/// [`DIRECTION_EGRESS`]) and a protocol class.
-#[inline(always)]
-pub const fn class_slot(direction: u8, class: usize) -> u32 {
-    direction as u32 * PROTOCOL_CLASSES as u32 + class as u32
 }
 
 /// [`Filter::flags`] bit: only packets with [`Filter::port`] as either port.
@@ -264,7 +278,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<FlowStats>(), 32);
         assert_eq!(size_of::<Sample>(), 64);
-        assert_eq!(size_of::<Totals>(), 14 * 8);
+        assert_eq!(size_of::<Totals>(), 15 * 8);
         assert_eq!(size_of::<Filter>(), 24);
         assert_eq!(size_of::<Snap>(), 8);
         assert_eq!(size_of::<Captured<128>>(), 64 + 128);

@@ -24,10 +24,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lightshark_common::{
-    class_slot, protocol_class, Captured, Counter, Filter, FlowKey, FlowStats, Sample, Snap,
-    Totals, CLASS_NON_IP, DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6,
-    FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL, MAX_CAPTURE, NONIP_LLC, NONIP_OTHER, NONIP_RUNT,
-    PROTOCOL_CLASSES, SAMPLE_RAW_IP,
+    protocol_slot, Captured, Counter, Filter, FlowKey, FlowStats, Sample, Snap, Totals,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT,
+    FILTER_PROTOCOL, MAX_CAPTURE, NONIP_LLC, NONIP_OTHER, NONIP_RUNT, NON_IP_SLOT, PROTOCOL_SLOTS,
+    SAMPLE_RAW_IP,
 };
 
 /// Sizes here are defaults; the agent sets the real ones at load time.
@@ -38,8 +38,7 @@ static TOTALS: PerCpuArray<Totals> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static NONIP: PerCpuHashMap<u16, Counter> = PerCpuHashMap::with_max_entries(1024, 0);
 #[map]
-static CLASSES: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(2 * PROTOCOL_CLASSES as u32, 0);
+static PROTOCOLS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(2 * PROTOCOL_SLOTS, 0);
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
@@ -188,11 +187,12 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
         Parsed::NonIp(ethertype) => {
             totals.nonip_packets += segs;
             totals.nonip_bytes += wire;
-            count_class(direction, CLASS_NON_IP, segs, wire);
+            count_protocol(direction, NON_IP_SLOT, segs, wire);
             count_nonip(ethertype, segs, wire);
         }
         Parsed::Ip { mut key, .. } => {
-            let protocol = key.protocol;
+            let protocol = untraced(&mut totals.protocol_scratch, key.protocol);
+            count_protocol(direction, protocol, segs, wire);
             key.ifindex = skb.ifindex;
             let now = unsafe { bpf_ktime_get_ns() };
             if !count_flow(&key, segs, wire, now) {
@@ -227,10 +227,6 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
                 totals.ringbuf_drops += 1;
                 totals.ringbuf_drop_segments += segs;
             }
-            // The class is found last: each class is a path of its own to
-            // the verifier, which should not walk the sample code above once
-            // per class.
-            count_class(direction, protocol_class(protocol), segs, wire);
         }
     }
 }
@@ -350,14 +346,30 @@ fn add_to_flow(key: &FlowKey, segs: u64, wire: u64, now: u64) -> bool {
     true
 }
 
-/// Adds to the counter of the direction and protocol class. A map slot of
-/// its own rather than an array in Totals: the lookup returns the slot's
-/// address, where an index into Totals would be a pointer offset that
-/// differs by path, which the verifier allows only with CAP_PERFMON.
+/// Adds to the counter of a direction and IP protocol number (or
+/// [`NON_IP_SLOT`]). A map of its own, not an array in Totals: an index
+/// into map memory is pointer arithmetic that, without CAP_PERFMON, makes
+/// the verifier compare states more strictly everywhere (past its
+/// instruction limit); a lookup returns the slot's address.
 #[inline(always)]
-fn count_class(direction: u8, class: usize, segs: u64, wire: u64) {
-    if let Some(c) = CLASSES.get_ptr_mut(class_slot(direction, class)) {
-        add_to(c, segs, wire);
+fn count_protocol(direction: u8, protocol: u32, segs: u64, wire: u64) {
+    if let Some(c) = PROTOCOLS.get_ptr_mut(protocol_slot(direction, protocol)) {
+        add_to(unsafe { &mut *c }, segs, wire);
+    }
+}
+
+/// The protocol number as a value the verifier does not trace back: it
+/// goes through `scratch` (map memory, which the verifier does not track).
+/// Used straight from the parser as a key, it would make the verifier tell
+/// apart every parsing path that knows a different protocol, and the
+/// program went past its million-instruction limit.
+#[inline(always)]
+fn untraced(scratch: &mut u64, protocol: u8) -> u32 {
+    // SAFETY: a per-CPU field of ours; volatile so that the value is not
+    // forwarded from the register.
+    unsafe {
+        core::ptr::write_volatile(scratch, protocol as u64);
+        core::ptr::read_volatile(scratch) as u8 as u32
     }
 }
 
@@ -384,14 +396,13 @@ fn add_to_nonip(key: u16, segs: u64, wire: u64) -> bool {
     let Some(c) = NONIP.get_ptr_mut(key) else {
         return false;
     };
-    add_to(c, segs, wire);
+    add_to(unsafe { &mut *c }, segs, wire);
     true
 }
 
 /// Adds to a per-CPU counter (no other CPU writes it: no atomics needed).
 #[inline(always)]
-fn add_to(c: *mut Counter, segs: u64, wire: u64) {
-    let c = unsafe { &mut *c };
+fn add_to(c: &mut Counter, segs: u64, wire: u64) {
     c.packets += segs;
     c.bytes += wire;
 }

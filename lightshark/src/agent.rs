@@ -67,7 +67,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             flows: maps.flows,
             totals: maps.totals,
             nonip: maps.nonip,
-            classes: maps.classes,
+            protocols: maps.protocols,
         },
         live.clone(),
         config.connection_timeout,

@@ -20,7 +20,7 @@ use aya::{
 };
 use lightshark_common::{
     Counter, Filter, FlowKey, FlowStats, Snap, Totals, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR,
-    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, GLOBAL_SNAP, MAP_CLASSES, MAP_FLOWS, MAP_NONIP,
+    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, GLOBAL_SNAP, MAP_FLOWS, MAP_NONIP, MAP_PROTOCOLS,
     MAP_SAMPLES, MAP_TOTALS, MAX_CAPTURE, NONIP_OTHER, PROG_ETH_EGRESS, PROG_ETH_INGRESS,
     PROG_RAW_EGRESS, PROG_RAW_INGRESS,
 };
@@ -38,7 +38,7 @@ pub struct KernelMaps {
     pub flows: HashMap<MapData, FlowKey, FlowStats>,
     pub totals: PerCpuArray<MapData, Totals>,
     pub nonip: PerCpuHashMap<MapData, u16, Counter>,
-    pub classes: PerCpuArray<MapData, Counter>,
+    pub protocols: PerCpuArray<MapData, Counter>,
     pub samples: RingBuf<MapData>,
 }
 
@@ -151,7 +151,7 @@ impl Capture {
             flows: HashMap::try_from(take(&mut ebpf, MAP_FLOWS)?)?,
             totals: PerCpuArray::try_from(take(&mut ebpf, MAP_TOTALS)?)?,
             nonip,
-            classes: PerCpuArray::try_from(take(&mut ebpf, MAP_CLASSES)?)?,
+            protocols: PerCpuArray::try_from(take(&mut ebpf, MAP_PROTOCOLS)?)?,
             samples: RingBuf::try_from(take(&mut ebpf, MAP_SAMPLES)?)?,
         };
         capture.ebpf = Some(ebpf);

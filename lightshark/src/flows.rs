@@ -15,7 +15,10 @@ use std::{
 use std::os::fd::AsFd as _;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
-use lightshark_common::{class_slot, Counter, FlowKey, FlowStats, Totals, PROTOCOL_CLASSES};
+use lightshark_common::{
+    protocol_class, protocol_slot, Counter, FlowKey, FlowStats, Totals, PROTOCOL_CLASSES,
+    PROTOCOL_SLOTS,
+};
 
 use crate::clock::WallClock;
 
@@ -75,7 +78,7 @@ pub struct FlowMaps {
     pub flows: HashMap<MapData, FlowKey, FlowStats>,
     pub totals: PerCpuArray<MapData, Totals>,
     pub nonip: PerCpuHashMap<MapData, u16, Counter>,
-    pub classes: PerCpuArray<MapData, Counter>,
+    pub protocols: PerCpuArray<MapData, Counter>,
 }
 
 /// The running poller thread.
@@ -119,14 +122,7 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
     let now_ns = WallClock::kernel_now_ns();
     let idle = |s: &FlowStats| now_ns.saturating_sub(s.last_seen_ns) >= timeout_ns;
     let totals = sum_totals(maps);
-    let by_class = std::array::from_fn(|direction| {
-        std::array::from_fn(|class| {
-            maps.classes
-                .get(&class_slot(direction as u8, class), 0)
-                .map(|per_cpu| sum(per_cpu.iter()))
-                .unwrap_or_default()
-        })
-    });
+    let by_class = sum_classes(&maps.protocols);
     let mut nonip: Vec<(u16, Counter)> = maps
         .nonip
         .iter()
@@ -264,7 +260,23 @@ fn sum_totals(maps: &FlowMaps) -> Totals {
         ringbuf_drop_segments: a.ringbuf_drop_segments + t.ringbuf_drop_segments,
         flow_map_full: a.flow_map_full + t.flow_map_full,
         filtered_out: a.filtered_out + t.filtered_out,
+        protocol_scratch: 0,
     })
+}
+
+/// The per-protocol counters folded into protocol classes, by direction.
+fn sum_classes(protocols: &PerCpuArray<MapData, Counter>) -> [[Counter; PROTOCOL_CLASSES]; 2] {
+    let mut out = [[Counter::default(); PROTOCOL_CLASSES]; 2];
+    for (direction, classes) in out.iter_mut().enumerate() {
+        for protocol in 0..PROTOCOL_SLOTS {
+            let slot = protocol_slot(direction as u8, protocol);
+            if let Ok(per_cpu) = protocols.get(&slot, 0) {
+                let c = &mut classes[protocol_class(protocol)];
+                *c = sum([*c].iter().chain(per_cpu.iter()));
+            }
+        }
+    }
+    out
 }
 
 /// One counter's per-CPU values added up.
