@@ -25,6 +25,7 @@ use crate::{
     flows::{LiveState, Snapshot},
     history::{self, TopBy},
     ledger::Tally,
+    openapi,
     params::{query_pairs, Params},
     samples::ReaderStats,
     store::{SampleStore, WriterStats},
@@ -171,8 +172,9 @@ pub async fn serve(
 }
 
 /// Every endpoint; each answers GET only.
-const ROUTES: &[&str] = &[
+pub(crate) const ROUTES: &[&str] = &[
     dashboard::PATH,
+    openapi::PATH,
     "/api/health",
     "/api/live",
     "/api/stats",
@@ -182,9 +184,9 @@ const ROUTES: &[&str] = &[
     "/api/stream",
 ];
 
-/// Served without the token: the health probe, and the dashboard page,
-/// which holds no data.
-const OPEN: &[&str] = &["/api/health", dashboard::PATH];
+/// Served without the token: the health probe, and the dashboard page and
+/// the API document, which hold no data.
+const OPEN: &[&str] = &["/api/health", dashboard::PATH, openapi::PATH];
 
 /// Dispatches a request to its handler, after the checks every route shares.
 async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
@@ -232,12 +234,8 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         "/api/history" => history(state, &path, &query).await,
         "/api/history.pcap" => return history_pcap(state, &path, &query).await,
         "/api/top" => top(state, &path, &query).await,
-        dashboard::PATH => {
-            return match no_query(&path, &query) {
-                Ok(()) => dashboard::page(),
-                Err((status, message)) => error(status, message),
-            }
-        }
+        dashboard::PATH => return without_query(&path, &query, dashboard::page),
+        openapi::PATH => return without_query(&path, &query, openapi::document),
         _ => {
             return match Params::parse(&path, &query, &["token"]) {
                 Ok(_) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
@@ -268,6 +266,14 @@ fn no_query(path: &str, query: &str) -> Result<(), (StatusCode, String)> {
     Params::parse(path, query, &[])
         .map(|_| ())
         .map_err(bad_request)
+}
+
+/// `answer()` when the request has no query parameters; a 400 otherwise.
+fn without_query(path: &str, query: &str, answer: fn() -> Reply) -> Reply {
+    match no_query(path, query) {
+        Ok(()) => answer(),
+        Err((status, message)) => error(status, message),
+    }
 }
 
 fn health(state: &ApiState) -> Value {

@@ -506,12 +506,18 @@ pub fn parse_protocol(text: &str) -> Result<u8, String> {
         "udp" => 17,
         "icmpv6" => 58,
         "sctp" => 132,
-        other => other.parse::<u8>().map_err(|_| {
-            format!(
-                "{text:?} is not a protocol: use TCP, UDP, ICMP, ICMPv6, SCTP or a number \
-                 from 0 to 255"
-            )
-        })?,
+        // Digits only: `u8::from_str` would also take a sign ("+6").
+        other => other
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| other.parse::<u8>().ok())
+            .flatten()
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} is not a protocol: use TCP, UDP, ICMP, ICMPv6, SCTP or a number \
+                     from 0 to 255"
+                )
+            })?,
     };
     Ok(number)
 }
@@ -629,6 +635,7 @@ mod tests {
         assert_eq!(parse_protocol("Sctp"), Ok(132));
         assert_eq!(parse_protocol("47"), Ok(47));
         assert!(parse_protocol("ipx").is_err());
+        assert!(parse_protocol("+6").is_err());
     }
 
     #[test]

