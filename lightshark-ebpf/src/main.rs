@@ -25,8 +25,8 @@ use aya_ebpf::{
 };
 use lightshark_common::{
     Counter, Filter, FlowKey, FlowStats, Sample, Totals, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL, NONIP_LLC, NONIP_OTHER,
-    NONIP_RUNT,
+    FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL, FLOW_OPENED_BY_SYN,
+    NONIP_LLC, NONIP_OTHER, NONIP_RUNT,
 };
 
 /// Sizes here are defaults; the agent sets the real ones at load time.
@@ -71,6 +71,9 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
+/// TCP header flag bits (byte 13 of the header).
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// TCX_NEXT on a TCX link and TC_ACT_UNSPEC on a legacy filter are the same
 /// value: "no verdict, run whatever comes next".
@@ -102,9 +105,15 @@ pub fn ls_raw_egress(ctx: TcContext) -> i32 {
 
 /// What the parser found in one frame.
 enum Parsed {
-    /// An IP packet: its flow key, where its L4 header starts, and whether
-    /// that header is there (its ports were read).
-    Ip { key: FlowKey, l4: u32, has_l4: bool },
+    /// An IP packet: its flow key, where its L4 header starts, whether
+    /// that header is there (its ports were read), and the end of what may
+    /// be read.
+    Ip {
+        key: FlowKey,
+        l4: u32,
+        has_l4: bool,
+        limit: u32,
+    },
     /// Anything without a readable IP header, by ethertype (or
     /// [`NONIP_LLC`] / [`NONIP_RUNT`]).
     NonIp(u16),
@@ -128,9 +137,9 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
     // Each extra GSO segment repeats the headers up to the end of L4; only
     // then is the L4 header's length needed.
     let repeated = match &parsed {
-        Parsed::Ip { key, l4, has_l4 } if segments > 1 && *has_l4 => {
-            *l4 + l4_header_len(ctx, key.protocol, *l4)
-        }
+        Parsed::Ip {
+            key, l4, has_l4, ..
+        } if segments > 1 && *has_l4 => *l4 + l4_header_len(ctx, key.protocol, *l4),
         Parsed::Ip { l4, .. } => *l4,
         Parsed::NonIp(_) => 0,
     };
@@ -164,10 +173,21 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
             totals.nonip_bytes += wire;
             count_nonip(ethertype, segs, wire);
         }
-        Parsed::Ip { mut key, .. } => {
+        Parsed::Ip {
+            mut key,
+            l4,
+            has_l4,
+            limit,
+        } => {
             key.ifindex = skb.ifindex;
             let now = unsafe { bpf_ktime_get_ns() };
-            if !count_flow(&key, segs, wire, now) {
+            let opened_by_syn = || {
+                key.protocol == IPPROTO_TCP
+                    && has_l4
+                    && l4 + 14 <= limit
+                    && load_u8(ctx, l4 + 13).is_some_and(|f| f & (TCP_SYN | TCP_ACK) == TCP_SYN)
+            };
+            if !count_flow(&key, segs, wire, now, opened_by_syn) {
                 totals.flow_map_full += segs;
             }
             totals.samples += 1;
@@ -230,9 +250,16 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
 }
 
 /// Adds to the flow's entry, creating it if needed. Returns false when the
-/// map is full and the flow has no entry.
+/// map is full and the flow has no entry. `opened_by_syn` is asked only
+/// when the entry is created, so only a flow's first packet pays for it.
 #[inline(always)]
-fn count_flow(key: &FlowKey, segs: u64, wire: u64, now: u64) -> bool {
+fn count_flow(
+    key: &FlowKey,
+    segs: u64,
+    wire: u64,
+    now: u64,
+    opened_by_syn: impl FnOnce() -> bool,
+) -> bool {
     if add_to_flow(key, segs, wire, now) {
         return true;
     }
@@ -241,6 +268,12 @@ fn count_flow(key: &FlowKey, segs: u64, wire: u64, now: u64) -> bool {
         bytes: wire,
         first_seen_ns: now,
         last_seen_ns: now,
+        flags: if opened_by_syn() {
+            FLOW_OPENED_BY_SYN
+        } else {
+            0
+        },
+        _pad: 0,
     };
     match FLOWS.insert(key, &fresh, BPF_NOEXIST as u64) {
         Ok(()) => true,
@@ -481,7 +514,12 @@ fn finish_l4(
             has_l4 = true;
         }
     }
-    Parsed::Ip { key, l4, has_l4 }
+    Parsed::Ip {
+        key,
+        l4,
+        has_l4,
+        limit,
+    }
 }
 
 /// Bytes of the L4 header, as repeated in each GSO segment.
