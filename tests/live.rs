@@ -509,6 +509,11 @@ fn group_connection_pairs_both_directions_with_the_client_known() -> anyhow::Res
         tcp_transfer(&pair.b, &pair.a, A4, 61002, 200_000)? == 200_000,
         "B->A transfer short"
     );
+    // IPv6 takes the kernel program's other path to the TCP flags.
+    ensure!(
+        tcp_transfer(&pair.a, &pair.b, B6, 61003, 100_000)? == 100_000,
+        "IPv6 A->B transfer short"
+    );
     // UDP: B (port 5353) speaks first, A (port 40000) answers; the port rule
     // makes A the client all the same. Equal ports: the lower address is.
     // (from, to, source, destination, datagrams, payload)
@@ -541,6 +546,7 @@ fn group_connection_pairs_both_directions_with_the_client_known() -> anyhow::Res
     let cases = [
         ((A4, client_port(61001)?), (B4, 61001), "syn", 300_000),
         ((B4, client_port(61002)?), (A4, 61002), "syn", 200_000),
+        ((A6, client_port(61003)?), (B6, 61003), "syn", 100_000),
         ((A4, 40000), (B4, 5353), "port_rule", 20 * 80),
         ((A4, 7000), (B4, 7000), "port_rule", 9 * 50),
     ];

@@ -99,9 +99,44 @@ pub struct Sample {
     pub wire_len: u32,
     pub segments: u16,
     pub direction: u8,
-    pub _pad1: u8,
-    pub _pad4: u32,
+    /// [`SAMPLE_RAW_IP`] when the captured bytes start at the IP header.
+    pub flags: u8,
+    /// Bytes of the packet's start that follow this record in the ring
+    /// (in [`Captured::bytes`]); 0 when capture is off.
+    pub captured: u16,
+    pub _pad2: u16,
 }
+
+/// [`Sample::flags`] bit: the interface has no link-layer header (tun,
+/// WireGuard), so the captured bytes start with the IP header.
+pub const SAMPLE_RAW_IP: u8 = 1;
+
+/// A sample followed by the first bytes of its packet. The kernel reserves
+/// one of a few fixed sizes (the ring wants a constant size) and says in
+/// [`Sample::captured`] how many of `bytes` hold data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Captured<const N: usize> {
+    pub sample: Sample,
+    pub bytes: [u8; N],
+}
+
+/// Most bytes of a packet a sample can carry.
+pub const MAX_CAPTURE: u32 = 256;
+
+/// How much of each packet to capture, set as global data at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snap {
+    /// Bytes at most (0 turns capture off, at most [`MAX_CAPTURE`]).
+    pub max_bytes: u32,
+    /// Non-zero: stop at the end of the L4 header (or the IP header when
+    /// there is no L4 header to read), within `max_bytes`.
+    pub headers_only: u32,
+}
+
+/// Name of the global that holds the [`Snap`] in the kernel object.
+pub const GLOBAL_SNAP: &str = "SNAP";
 
 /// Totals kept per CPU in a one-entry array, apart from the flow map, so that
 /// deleting or failing to create a flow entry never loses a count.
@@ -177,6 +212,7 @@ mod pod {
     unsafe impl aya::Pod for super::Totals {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::Snap {}
 }
 
 #[cfg(test)]
@@ -191,6 +227,8 @@ mod tests {
         assert_eq!(size_of::<Sample>(), 64);
         assert_eq!(size_of::<Totals>(), 14 * 8);
         assert_eq!(size_of::<Filter>(), 24);
+        assert_eq!(size_of::<Snap>(), 8);
+        assert_eq!(size_of::<Captured<128>>(), 64 + 128);
         assert_eq!(size_of::<Counter>(), 16);
     }
 }

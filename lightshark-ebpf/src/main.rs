@@ -18,15 +18,15 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use lightshark_common::{
-    Counter, Filter, FlowKey, FlowStats, Sample, Totals, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL, FLOW_OPENED_BY_SYN,
-    NONIP_LLC, NONIP_OTHER, NONIP_RUNT,
+    Captured, Counter, Filter, FlowKey, FlowStats, Sample, Snap, Totals, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT, FILTER_PROTOCOL,
+    FLOW_OPENED_BY_SYN, MAX_CAPTURE, NONIP_LLC, NONIP_OTHER, NONIP_RUNT, SAMPLE_RAW_IP,
 };
 
 /// Sizes here are defaults; the agent sets the real ones at load time.
@@ -50,6 +50,18 @@ static FILTER: Filter = Filter {
     addr: [0; 16],
 };
 
+/// Set by the agent at load time like [`FILTER`]; all zero captures nothing.
+#[unsafe(no_mangle)]
+static SNAP: Snap = Snap {
+    max_bytes: 0,
+    headers_only: 0,
+};
+
+/// The smaller record size for captured bytes; anything longer takes a
+/// [`MAX_CAPTURE`] record. Most header stacks (Ethernet, IP, TCP with
+/// options) fit the smaller one.
+const SMALL_CAPTURE: u32 = 128;
+
 const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -64,10 +76,12 @@ const MAX_VLAN_TAGS: usize = 6;
 const MAX_IPV6_EXT: usize = 8;
 
 const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_DSTOPTS: u8 = 60;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
@@ -106,13 +120,13 @@ pub fn ls_raw_egress(ctx: TcContext) -> i32 {
 /// What the parser found in one frame.
 enum Parsed {
     /// An IP packet: its flow key, where its L4 header starts, whether
-    /// that header is there (its ports were read), and the end of what may
-    /// be read.
+    /// that header is there (its ports were read), and whether it is a TCP
+    /// SYN without ACK.
     Ip {
         key: FlowKey,
         l4: u32,
         has_l4: bool,
-        limit: u32,
+        syn_only: bool,
     },
     /// Anything without a readable IP header, by ethertype (or
     /// [`NONIP_LLC`] / [`NONIP_RUNT`]).
@@ -134,24 +148,32 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
         parse_raw(ctx, len, skb.protocol)
     };
 
-    // Each extra GSO segment repeats the headers up to the end of L4; only
-    // then is the L4 header's length needed.
-    let repeated = match &parsed {
+    // Read through volatile loads so the compiler cannot fold the load-time
+    // values of the globals into constants.
+    let snap = unsafe { core::ptr::read_volatile(&raw const SNAP) };
+    // Where the headers end: each extra GSO segment repeats them, and a
+    // headers-only capture stops there. Only then is the L4 header's
+    // length worth a read.
+    let need_l4_len = segments > 1 || snap.headers_only != 0;
+    let headers_end = match &parsed {
         Parsed::Ip {
             key, l4, has_l4, ..
-        } if segments > 1 && *has_l4 => *l4 + l4_header_len(ctx, key.protocol, *l4),
+        } if need_l4_len && *has_l4 => *l4 + l4_header_len(ctx, key.protocol, *l4),
+        Parsed::Ip { key, l4, .. }
+            if need_l4_len && (key.protocol == IPPROTO_ICMP || key.protocol == IPPROTO_ICMPV6) =>
+        {
+            *l4 + 8
+        }
         Parsed::Ip { l4, .. } => *l4,
         Parsed::NonIp(_) => 0,
     };
-    let wire = len as u64 + tag + (segments as u64 - 1) * (repeated as u64 + tag);
+    let wire = len as u64 + tag + (segments as u64 - 1) * (headers_end as u64 + tag);
     let segs = segments as u64;
 
     let Some(totals) = TOTALS.get_ptr_mut(0) else {
         return;
     };
     let totals = unsafe { &mut *totals };
-    // Read through a volatile load so the compiler cannot fold the
-    // load-time value of the global into constants.
     let filter = unsafe { core::ptr::read_volatile(&raw const FILTER) };
     if filter.flags != 0 && !matches_filter(&filter, &parsed) {
         totals.filtered_out += segs;
@@ -174,48 +196,94 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
             count_nonip(ethertype, segs, wire);
         }
         Parsed::Ip {
-            mut key,
-            l4,
-            has_l4,
-            limit,
+            mut key, syn_only, ..
         } => {
             key.ifindex = skb.ifindex;
             let now = unsafe { bpf_ktime_get_ns() };
-            let opened_by_syn = || {
-                key.protocol == IPPROTO_TCP
-                    && has_l4
-                    && l4 + 14 <= limit
-                    && load_u8(ctx, l4 + 13).is_some_and(|f| f & (TCP_SYN | TCP_ACK) == TCP_SYN)
-            };
-            if !count_flow(&key, segs, wire, now, opened_by_syn) {
+            if !count_flow(&key, segs, wire, now, syn_only) {
                 totals.flow_map_full += segs;
             }
             totals.samples += 1;
             totals.sample_segments += segs;
-            // Written straight into the ring (no copy through the stack),
-            // and submitted without a wakeup: the agent drains on a timer.
-            // Waking the reader per record was measured here at 0.42 of the
-            // unmonitored packet rate.
-            match SAMPLES.reserve::<Sample>(0) {
-                Some(mut entry) => {
-                    entry.write(Sample {
-                        timestamp_ns: now,
-                        key,
-                        wire_len: wire as u32,
-                        segments: segments as u16,
-                        direction,
-                        _pad1: 0,
-                        _pad4: 0,
-                    });
-                    entry.submit(BPF_RB_NO_WAKEUP as u64);
-                }
-                None => {
-                    totals.ringbuf_drops += 1;
-                    totals.ringbuf_drop_segments += segs;
-                }
+            let sample = Sample {
+                timestamp_ns: now,
+                key,
+                wire_len: wire as u32,
+                segments: segments as u16,
+                direction,
+                flags: if ETHERNET { 0 } else { SAMPLE_RAW_IP },
+                captured: 0,
+                _pad2: 0,
+            };
+            let want = if snap.headers_only != 0 {
+                min(headers_end, snap.max_bytes)
+            } else {
+                snap.max_bytes
+            };
+            let want = min(want, len);
+            let emitted = if want == 0 {
+                emit_plain(sample)
+            } else if want <= SMALL_CAPTURE {
+                emit_captured::<{ SMALL_CAPTURE as usize }>(ctx, sample, want)
+            } else {
+                emit_captured::<{ MAX_CAPTURE as usize }>(ctx, sample, want)
+            };
+            if !emitted {
+                totals.ringbuf_drops += 1;
+                totals.ringbuf_drop_segments += segs;
             }
         }
     }
+}
+
+// Records are written straight into the ring (no copy through the stack),
+// and submitted without a wakeup: the agent drains on a timer. Waking the
+// reader per record was measured here at 0.42 of the unmonitored packet rate.
+
+/// A sample without packet bytes; false when the ring is full.
+#[inline(always)]
+fn emit_plain(sample: Sample) -> bool {
+    match SAMPLES.reserve::<Sample>(0) {
+        Some(mut entry) => {
+            entry.write(sample);
+            entry.submit(BPF_RB_NO_WAKEUP as u64);
+            true
+        }
+        None => false,
+    }
+}
+
+/// A sample followed by the packet's first `want` bytes (1 to `N`); false
+/// when the ring is full.
+#[inline(always)]
+fn emit_captured<const N: usize>(ctx: &TcContext, mut sample: Sample, want: u32) -> bool {
+    let Some(mut entry) = SAMPLES.reserve::<Captured<N>>(0) else {
+        return false;
+    };
+    let record = entry.as_mut_ptr();
+    // 1 to N bytes, in the form the verifier can follow: the caller's
+    // checks are on another register once compiled, and the compiler would
+    // drop a plain clamp as redundant, so the value is hidden from it and
+    // masked (N is a power of two; `want` is already 1 to N, so the mask
+    // changes nothing).
+    let n = core::hint::black_box(want as u64);
+    let n = (n.wrapping_sub(1) & (N as u64 - 1)) + 1;
+    // SAFETY: `bytes` is N bytes of the reserved record and n <= N.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            (&raw mut (*record).bytes).cast(),
+            n as u32,
+        )
+    };
+    if rc == 0 {
+        sample.captured = n as u16;
+    }
+    // SAFETY: the record is ours until submitted.
+    unsafe { (&raw mut (*record).sample).write(sample) };
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    true
 }
 
 /// Whether a packet passes every filter that is set. Non-IP frames never do.
@@ -249,17 +317,11 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     u128::from_ne_bytes(*a) == u128::from_ne_bytes(*b)
 }
 
-/// Adds to the flow's entry, creating it if needed. Returns false when the
-/// map is full and the flow has no entry. `opened_by_syn` is asked only
-/// when the entry is created, so only a flow's first packet pays for it.
+/// Adds to the flow's entry, creating it if needed (marked as opened by a
+/// SYN when this first packet is one). Returns false when the map is full
+/// and the flow has no entry.
 #[inline(always)]
-fn count_flow(
-    key: &FlowKey,
-    segs: u64,
-    wire: u64,
-    now: u64,
-    opened_by_syn: impl FnOnce() -> bool,
-) -> bool {
+fn count_flow(key: &FlowKey, segs: u64, wire: u64, now: u64, syn_only: bool) -> bool {
     if add_to_flow(key, segs, wire, now) {
         return true;
     }
@@ -268,11 +330,7 @@ fn count_flow(
         bytes: wire,
         first_seen_ns: now,
         last_seen_ns: now,
-        flags: if opened_by_syn() {
-            FLOW_OPENED_BY_SYN
-        } else {
-            0
-        },
+        flags: if syn_only { FLOW_OPENED_BY_SYN } else { 0 },
         _pad: 0,
     };
     match FLOWS.insert(key, &fresh, BPF_NOEXIST as u64) {
@@ -340,6 +398,8 @@ fn load_be16(ctx: &TcContext, off: u32) -> Option<u16> {
 /// Untagged Ethernet, IPv4 without options and the first four L4 bytes:
 /// the common frame, read in one helper call instead of three.
 const FAST_IPV4_LEN: u32 = ETH_HLEN + 20 + 4;
+/// The same frame up to its TCP flags byte (the 14th of the TCP header).
+const FAST_TCP_LEN: u32 = ETH_HLEN + 20 + 14;
 
 #[inline(always)]
 fn parse_ethernet(ctx: &TcContext, len: u32) -> Parsed {
@@ -353,13 +413,19 @@ fn parse_ethernet(ctx: &TcContext, len: u32) -> Parsed {
             let mut ip = [0u8; 20];
             ip.copy_from_slice(&h[14..34]);
             let (key, l4, limit, later) = ipv4_header(&ip, ETH_HLEN, len);
+            let flags = if key.protocol == IPPROTO_TCP && data + FAST_TCP_LEN as usize <= end {
+                // SAFETY: bounded by the check just made.
+                Some(unsafe { *((data + FAST_TCP_LEN as usize - 1) as *const u8) })
+            } else {
+                None
+            };
             return finish_l4(
                 ctx,
                 key,
                 l4,
                 limit,
                 later,
-                Some([h[34], h[35], h[36], h[37]]),
+                Some(([h[34], h[35], h[36], h[37]], flags)),
             );
         }
     }
@@ -487,8 +553,10 @@ fn parse_ipv6(ctx: &TcContext, off: u32, len: u32) -> Parsed {
 }
 
 /// Adds the ports where the protocol has them, the first four L4 bytes are
-/// within the packet, and the packet is not a later fragment. `loaded` holds
-/// those four bytes when the caller already read them.
+/// within the packet, and the packet is not a later fragment; for TCP also
+/// whether it is a SYN without ACK, when the flags byte is within the packet
+/// too. `loaded` holds those four bytes, and the TCP flags if they were in
+/// reach, when the caller already read them.
 #[inline(always)]
 fn finish_l4(
     ctx: &TcContext,
@@ -496,29 +564,39 @@ fn finish_l4(
     l4: u32,
     limit: u32,
     later: bool,
-    loaded: Option<[u8; 4]>,
+    loaded: Option<([u8; 4], Option<u8>)>,
 ) -> Parsed {
     let has_ports = matches!(
         key.protocol,
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
     );
     let mut has_l4 = false;
+    let mut syn_only = false;
     if has_ports && !later && l4 + 4 <= limit {
-        let ports = match loaded {
-            Some(p) => Some(p),
-            None => ctx.load::<[u8; 4]>(l4 as usize).ok(),
+        // The room is tested apart from `l4`, so that the verifier learns
+        // nothing new about `l4` (which bounds the capture later) and prunes
+        // states as before; TCP's flags come with the ports, in one read.
+        let tcp = key.protocol == IPPROTO_TCP && limit.wrapping_sub(l4) >= 14;
+        let read = match loaded {
+            Some((p, flags)) => Some((p, flags.filter(|_| tcp))),
+            None if tcp => ctx
+                .load::<[u8; 14]>(l4 as usize)
+                .ok()
+                .map(|h| ([h[0], h[1], h[2], h[3]], Some(h[13]))),
+            None => ctx.load::<[u8; 4]>(l4 as usize).ok().map(|p| (p, None)),
         };
-        if let Some(p) = ports {
+        if let Some((p, flags)) = read {
             key.src_port = u16::from_be_bytes([p[0], p[1]]);
             key.dst_port = u16::from_be_bytes([p[2], p[3]]);
             has_l4 = true;
+            syn_only = flags.is_some_and(|f| f & (TCP_SYN | TCP_ACK) == TCP_SYN);
         }
     }
     Parsed::Ip {
         key,
         l4,
         has_l4,
-        limit,
+        syn_only,
     }
 }
 

@@ -36,6 +36,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let (store, writer_conn) = SampleStore::open(&config.db_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(crate::priority::short_slices)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

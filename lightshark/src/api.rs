@@ -20,9 +20,13 @@ use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
+    clock::WallClock,
+    dashboard,
     flows::LiveState,
+    history::{self, TopBy},
     ledger::Tally,
     live_view,
+    params::{query_pairs, Params},
     samples::ReaderStats,
     store::{SampleStore, WriterStats},
     stream::{self, Feed, NotWebSocket},
@@ -31,6 +35,18 @@ use crate::{
 /// `/api/history` without `limit`, and the largest `limit` allowed.
 const HISTORY_DEFAULT: u32 = 100;
 const HISTORY_MAX: u32 = 10_000;
+/// `/api/history.pcap` without `limit`, and the most packets in one file.
+const PCAP_DEFAULT: u32 = 10_000;
+const PCAP_MAX: u32 = 100_000;
+/// `/api/top` without `limit`, its largest `limit`, and the range it
+/// covers without `since` (the last hour).
+const TOP_DEFAULT: u32 = 10;
+const TOP_MAX: u32 = 1_000;
+const TOP_RANGE_MS: i64 = 3_600_000;
+/// What the history endpoints select by.
+const SELECTION: &[&str] = &[
+    "limit", "since", "until", "ip", "src_ip", "dst_ip", "port", "protocol", "before",
+];
 /// API connections served at once, WebSocket clients included.
 const MAX_CONNECTIONS: usize = 1024;
 /// How often `/api/stream` pushes the stats.
@@ -72,9 +88,10 @@ pub async fn listen(bind: Option<IpAddr>, port: u16) -> anyhow::Result<TcpListen
     }
 }
 
-/// Whether the request carries the token (`Authorization: Bearer ...`),
-/// compared in constant time so the answer's timing tells nothing about it.
-fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
+/// Whether the request carries the token (`Authorization: Bearer ...`, or
+/// `query_token` where the route takes one), compared in constant time so
+/// the answer's timing tells nothing about it.
+fn authorized(state: &ApiState, headers: &header::HeaderMap, query_token: Option<&str>) -> bool {
     let Some(token) = &state.token else {
         return true;
     };
@@ -86,6 +103,7 @@ fn authorized(state: &ApiState, headers: &header::HeaderMap) -> bool {
             let v = v.as_bytes();
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
         })
+        .chain(query_token.map(str::as_bytes))
         .any(|given| constant_time_eq(given, token.as_bytes()))
 }
 
@@ -151,12 +169,19 @@ pub async fn serve(
 
 /// Every endpoint; each answers GET only.
 const ROUTES: &[&str] = &[
+    dashboard::PATH,
     "/api/health",
     "/api/live",
     "/api/stats",
     "/api/history",
+    "/api/history.pcap",
+    "/api/top",
     "/api/stream",
 ];
+
+/// Served without the token: the health probe, and the dashboard page,
+/// which holds no data.
+const OPEN: &[&str] = &["/api/health", dashboard::PATH];
 
 /// Dispatches a request to its handler, after the checks every route shares.
 async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
@@ -165,10 +190,18 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     if !ROUTES.contains(&path.as_str()) {
         return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
     }
-    if path != "/api/health" && !authorized(state, req.headers()) {
+    // Browsers cannot set headers on a WebSocket: the stream also takes the
+    // token as a query parameter.
+    let query_token = (path == "/api/stream")
+        .then(|| query_pairs(&query).find(|(name, _)| name == "token"))
+        .flatten()
+        .map(|(_, value)| value);
+    if !OPEN.contains(&path.as_str()) && !authorized(state, req.headers(), query_token.as_deref()) {
         let mut reply = error(
             StatusCode::UNAUTHORIZED,
-            "this endpoint needs the API token: Authorization: Bearer <token>".into(),
+            "this endpoint needs the API token: Authorization: Bearer <token> \
+             (the WebSocket /api/stream also takes ?token=<token>)"
+                .into(),
         );
         reply.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -187,13 +220,21 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         return reply;
     }
     let result = match path.as_str() {
-        "/api/health" => no_query(&query).map(|()| json_bytes(&health(state))),
-        "/api/live" => live_view::answer(state, &query),
-        "/api/stats" => no_query(&query).map(|()| json_bytes(&stats(state))),
-        "/api/history" => history(state, &query).await,
+        "/api/health" => no_query(&path, &query).map(|()| json_bytes(&health(state))),
+        "/api/live" => live_view::answer(state, &path, &query),
+        "/api/stats" => no_query(&path, &query).map(|()| json_bytes(&stats(state))),
+        "/api/history" => history(state, &path, &query).await,
+        "/api/history.pcap" => return history_pcap(state, &path, &query).await,
+        "/api/top" => top(state, &path, &query).await,
+        dashboard::PATH => {
+            return match no_query(&path, &query) {
+                Ok(()) => dashboard::page(),
+                Err((status, message)) => error(status, message),
+            }
+        }
         _ => {
-            return match no_query(&query) {
-                Ok(()) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
+            return match Params::parse(&path, &query, &["token"]) {
+                Ok(_) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
                     let mut reply = error(StatusCode::UPGRADE_REQUIRED, why);
                     reply.headers_mut().insert(
                         header::SEC_WEBSOCKET_VERSION,
@@ -201,7 +242,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
                     );
                     reply
                 }),
-                Err((status, message)) => error(status, message),
+                Err(message) => error(StatusCode::BAD_REQUEST, message),
             }
         }
     };
@@ -219,52 +260,10 @@ pub(crate) fn bad_request(message: String) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, message)
 }
 
-fn no_query(query: &str) -> Result<(), (StatusCode, String)> {
-    match query_pairs(query).next() {
-        None => Ok(()),
-        Some((name, _)) => Err(bad_request(format!(
-            "unknown query parameter {name:?}; this endpoint takes none"
-        ))),
-    }
-}
-
-/// `name=value` pairs of a query string, percent-decoded (`+` is a space);
-/// empty pieces (`a=1&&b=2`) skipped.
-pub(crate) fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.split_once('=').unwrap_or((p, "")))
-        .map(|(n, v)| (percent_decode(n), percent_decode(v)))
-}
-
-/// Decodes `%XX` escapes and `+`; a malformed escape stays as written, and
-/// bytes that are not UTF-8 become U+FFFD (no parameter takes them).
-fn percent_decode(text: &str) -> String {
-    let b = text.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let escaped = (b[i] == b'%' && i + 2 < b.len())
-            .then(|| Some(hex(b[i + 1])? * 16 + hex(b[i + 2])?))
-            .flatten();
-        match (escaped, b[i]) {
-            (Some(byte), _) => {
-                out.push(byte);
-                i += 3;
-            }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
-            (None, c) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn no_query(path: &str, query: &str) -> Result<(), (StatusCode, String)> {
+    Params::parse(path, query, &[])
+        .map(|_| ())
+        .map_err(bad_request)
 }
 
 fn health(state: &ApiState) -> Value {
@@ -345,64 +344,98 @@ fn ledger(state: &ApiState, unit: fn(&Tally) -> u64, emitted: u64, ring_full: u6
     })
 }
 
-async fn history(state: &ApiState, query: &str) -> Handled {
-    let limit = limit_param("/api/history", query, HISTORY_DEFAULT, HISTORY_MAX)?;
-    let store = state.store.clone();
-    let rows = tokio::task::spawn_blocking(move || store.history(limit))
-        .await
-        .map_err(|e| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("history query failed: {e}"),
-            )
-        })?
-        .map_err(|e| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("history query failed: {e:#}"),
-            )
-        })?;
+async fn history(state: &ApiState, path: &str, query: &str) -> Handled {
+    let params = Params::parse(path, query, SELECTION).map_err(bad_request)?;
+    let limit = params
+        .limit(HISTORY_DEFAULT, HISTORY_MAX)
+        .map_err(bad_request)?;
+    let sel = params.selection().map_err(bad_request)?;
+    let rows = read(state, move |c| history::history(c, &sel, limit)).await?;
     Ok(json_bytes(&rows))
 }
 
-/// The only query parameter of `path`: `limit`, a whole number from 1 to
-/// `max`, or `default` when absent.
-fn limit_param(
-    path: &str,
-    query: &str,
-    default: u32,
-    max: u32,
-) -> Result<u32, (StatusCode, String)> {
-    let mut limit = None;
-    for (name, value) in query_pairs(query) {
-        if name != "limit" {
-            return Err(bad_request(format!(
-                "unknown query parameter {name:?}; {path} takes: limit"
-            )));
+/// `/api/history.pcap`: the same selection as `/api/history`, as a pcap
+/// file, oldest packet first. How many selected samples had no captured
+/// bytes (and are not in the file) is in `X-Lightshark-Uncaptured`.
+async fn history_pcap(state: &ApiState, path: &str, query: &str) -> Reply {
+    let selected = Params::parse(path, query, SELECTION)
+        .and_then(|p| Ok((p.limit(PCAP_DEFAULT, PCAP_MAX)?, p.selection()?)));
+    let (limit, sel) = match selected {
+        Ok(s) => s,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match read(state, move |c| history::pcap(c, &sel, limit)).await {
+        Ok((file, uncaptured)) => {
+            let mut reply = Response::new(Full::new(Bytes::from(file)));
+            let headers = reply.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/vnd.tcpdump.pcap"),
+            );
+            headers.insert(
+                header::CONTENT_DISPOSITION,
+                header::HeaderValue::from_static("attachment; filename=\"lightshark.pcap\""),
+            );
+            headers.insert("x-lightshark-uncaptured", uncaptured.into());
+            reply
         }
-        if limit.is_some() {
-            return Err(bad_request("limit is given more than once".into()));
-        }
-        limit = Some(parse_limit(&value, max)?);
+        Err((status, message)) => error(status, message),
     }
-    let limit = limit.unwrap_or(default);
-    Ok(limit)
 }
 
-/// A `limit` value: a whole number from 1 to `max`.
-pub(crate) fn parse_limit(value: &str, max: u32) -> Result<u32, (StatusCode, String)> {
-    let invalid = || {
-        bad_request(format!(
-            "limit must be a whole number from 1 to {max}, not {value:?}"
-        ))
+/// `/api/top`: the biggest talkers over a time range of the history.
+async fn top(state: &ApiState, path: &str, query: &str) -> Handled {
+    let params =
+        Params::parse(path, query, &["since", "until", "by", "limit"]).map_err(bad_request)?;
+    let limit = params.limit(TOP_DEFAULT, TOP_MAX).map_err(bad_request)?;
+    let until = params
+        .unix_ms("until")
+        .map_err(bad_request)?
+        .unwrap_or_else(|| WallClock::now_unix_ms() + 1);
+    let since = params
+        .unix_ms("since")
+        .map_err(bad_request)?
+        .unwrap_or(until - TOP_RANGE_MS);
+    if since >= until {
+        return Err(bad_request(format!(
+            "since ({since}) must be before until ({until})"
+        )));
+    }
+    let (by, by_name) = match params.text("by").unwrap_or("ip") {
+        "ip" => (TopBy::Ip, "ip"),
+        "port" => (TopBy::Port, "port"),
+        "connection" => (TopBy::Connection, "connection"),
+        other => {
+            return Err(bad_request(format!(
+                "by must be ip, port or connection, not {other:?}"
+            )))
+        }
     };
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(invalid());
-    }
-    match value.parse::<u32>() {
-        Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(invalid()),
-    }
+    let entries = read(state, move |c| history::top(c, since, until, by, limit)).await?;
+    Ok(json_bytes(&json!({
+        "since": since,
+        "until": until,
+        "by": by_name,
+        "entries": entries,
+    })))
+}
+
+/// Runs a query on a pooled read connection, off the async threads.
+async fn read<T: Send + 'static>(
+    state: &ApiState,
+    query: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, (StatusCode, String)> {
+    let store = state.store.clone();
+    let failed = |e: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("history query failed: {e}"),
+        )
+    };
+    tokio::task::spawn_blocking(move || store.read(query))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(format!("{e:#}")))
 }
 
 /// `value` as JSON.
@@ -429,96 +462,11 @@ fn error(status: StatusCode, message: String) -> Reply {
 mod tests {
     use super::*;
 
-    proptest::proptest! {
-        /// Any query string either yields a limit in range or a 400 naming
-        /// what is wrong; it never panics.
-        #[test]
-        fn any_query_gets_a_limit_or_a_400(query in ".{0,200}") {
-            match limit_param("/api/history", &query, 100, 10_000) {
-                Ok(n) => proptest::prop_assert!((1..=10_000).contains(&n)),
-                Err((status, message)) => {
-                    proptest::prop_assert_eq!(status, StatusCode::BAD_REQUEST);
-                    proptest::prop_assert!(!message.is_empty());
-                }
-            }
-        }
-
-        /// Well-formed limits round-trip through percent-encoding.
-        #[test]
-        fn encoded_limits_decode(n in 1u32..=10_000) {
-            let encoded: String = n.to_string().bytes().map(|b| format!("%{b:02X}")).collect();
-            proptest::prop_assert_eq!(limit_param("/api/live", &format!("limit={encoded}"), 50, 10_000), Ok(n));
-        }
-    }
-
-    /// Inputs that once broke or nearly broke parsing, kept as a corpus.
-    #[test]
-    fn query_corpus() {
-        for (query, ok) in [
-            ("limit=1&limit=2", false),
-            ("limit=%31", true),
-            ("limit=%", false),
-            ("limit=%%31", false),
-            ("limit=1%00", false),
-            ("limit=%ff%fe", false),
-            ("=&=&", false),
-            ("limit", false),
-            ("limit=10000", true),
-            ("limit=010000", true),
-            ("limit=4294967296", false),
-            ("&&&", true),
-        ] {
-            assert_eq!(
-                limit_param("/api/history", query, 100, 10_000).is_ok(),
-                ok,
-                "{query}"
-            );
-        }
-    }
-
-    #[test]
-    fn query_values_are_percent_decoded() {
-        let pairs: Vec<(String, String)> = query_pairs("limit=%31%30&a+b=c%2Bd&x=%zz&&y").collect();
-        assert_eq!(
-            pairs,
-            [
-                ("limit".into(), "10".into()),
-                ("a b".into(), "c+d".into()),
-                ("x".into(), "%zz".into()),
-                ("y".into(), String::new()),
-            ]
-        );
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%4"), "%4");
-        assert_eq!(percent_decode("%41"), "A");
-    }
-
     #[test]
     fn tokens_compare_equal_only_when_identical() {
         assert!(constant_time_eq(b"s3cret", b"s3cret"));
         assert!(!constant_time_eq(b"s3cret", b"s3creT"));
         assert!(!constant_time_eq(b"s3cret", b"s3cre"));
         assert!(!constant_time_eq(b"", b"x"));
-    }
-
-    #[test]
-    fn limit_takes_only_whole_numbers_in_range() {
-        assert_eq!(parse_limit("1", 10_000).unwrap(), 1);
-        assert_eq!(parse_limit("10000", 10_000).unwrap(), 10_000);
-        for bad in [
-            "",
-            "0",
-            "10001",
-            "-1",
-            "+5",
-            "5.0",
-            "1e3",
-            "abc",
-            "99999999999999999999",
-        ] {
-            let (status, message) = parse_limit(bad, 10_000).unwrap_err();
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
-            assert!(message.contains("1 to 10000"), "{message}");
-        }
     }
 }

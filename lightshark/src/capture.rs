@@ -20,13 +20,14 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lightshark_common::{
-    Counter, Filter, FlowKey, FlowStats, Totals, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR,
-    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, MAP_FLOWS, MAP_NONIP, MAP_SAMPLES, MAP_TOTALS,
-    NONIP_OTHER, PROG_ETH_EGRESS, PROG_ETH_INGRESS, PROG_RAW_EGRESS, PROG_RAW_INGRESS,
+    Counter, Filter, FlowKey, FlowStats, Snap, Totals, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR,
+    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, GLOBAL_SNAP, MAP_FLOWS, MAP_NONIP, MAP_SAMPLES,
+    MAP_TOTALS, MAX_CAPTURE, NONIP_OTHER, PROG_ETH_EGRESS, PROG_ETH_INGRESS, PROG_RAW_EGRESS,
+    PROG_RAW_INGRESS,
 };
 
 use crate::{
-    config::{self, AttachMode},
+    config::{self, AttachMode, CaptureBytes},
     interface::{Interface, LinkKind},
 };
 
@@ -83,8 +84,10 @@ impl Capture {
         check_kernel(tcx)?;
 
         let filter = kernel_filter(&config.filter);
+        let snap = kernel_snap(config.capture_bytes);
         let ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER, &filter, true)
+            .override_global(GLOBAL_SNAP, &snap, true)
             .map_max_entries(MAP_FLOWS, config.flow_map_size)
             .map_max_entries(MAP_SAMPLES, config.ring_buffer_size)
             .load(OBJECT)
@@ -321,6 +324,19 @@ fn kernel_filter(filter: &config::Filter) -> Filter {
         None => {}
     }
     out
+}
+
+fn kernel_snap(capture: CaptureBytes) -> Snap {
+    match capture {
+        CaptureBytes::Headers => Snap {
+            max_bytes: MAX_CAPTURE,
+            headers_only: 1,
+        },
+        CaptureBytes::First(n) => Snap {
+            max_bytes: n,
+            headers_only: 0,
+        },
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {

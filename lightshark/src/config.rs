@@ -45,6 +45,7 @@ with underscores; a flag given on the command line wins over the file:
   attach_mode: auto
   ring_buffer_size: 8388608
   flow_map_size: 131072
+  capture_bytes: headers
   quiet: true";
 
 /// LightShark-mini: counts a network interface's traffic per 5-tuple in the
@@ -123,6 +124,12 @@ struct Cli {
     #[arg(long, value_name = "FLOWS", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     flow_map_size: Option<u32>,
 
+    /// How much of each packet history keeps (for /api/history.pcap):
+    /// `headers` (link, IP and L4 headers), or the first N bytes, 0 to 256;
+    /// 0 keeps none [default: headers]
+    #[arg(long, value_name = "headers|N", value_parser = parse_capture)]
+    capture_bytes: Option<CaptureBytes>,
+
     /// YAML config file with the same settings (see below)
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -135,6 +142,15 @@ struct Cli {
 /// The interfaces asked for, in order, each named once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct InterfaceList(Vec<String>);
+
+/// How much of each packet a sample carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureBytes {
+    /// The headers up to the end of L4, at most `MAX_CAPTURE` bytes.
+    Headers,
+    /// The first N bytes (0 to `MAX_CAPTURE`).
+    First(u32),
+}
 
 /// Which packets the kernel program counts; all `None` counts everything.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -162,6 +178,7 @@ pub struct Config {
     pub attach_mode: AttachMode,
     pub ring_buffer_size: u32,
     pub flow_map_size: u32,
+    pub capture_bytes: CaptureBytes,
     pub quiet: bool,
 }
 
@@ -224,6 +241,10 @@ fn merge(flags: Cli, file: Cli) -> Config {
             .flow_map_size
             .or(file.flow_map_size)
             .unwrap_or(DEFAULT_FLOW_MAP),
+        capture_bytes: flags
+            .capture_bytes
+            .or(file.capture_bytes)
+            .unwrap_or(CaptureBytes::Headers),
         quiet: flags.quiet || file.quiet,
     }
 }
@@ -244,6 +265,7 @@ const KEYS: &[&str] = &[
     "attach_mode",
     "ring_buffer_size",
     "flow_map_size",
+    "capture_bytes",
     "quiet",
 ];
 
@@ -349,6 +371,14 @@ fn parse_yaml(text: &str) -> anyhow::Result<Cli> {
                     describe(&value)
                 ),
             },
+            "capture_bytes" => {
+                let text = match &value {
+                    Value::Number(n) => n.to_string(),
+                    _ => text_value(&key, &value)?,
+                };
+                cli.capture_bytes =
+                    Some(parse_capture(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))?);
+            }
             "quiet" => {
                 cli.quiet = value.as_bool().with_context(|| {
                     format!("{key}: expected true or false, found {}", describe(&value))
@@ -429,6 +459,19 @@ const DEFAULT_FLOW_MAP: u32 = 131_072;
 /// second, and small next to a node's disk.
 pub const DEFAULT_MAX_DB_SIZE: u64 = 1 << 30;
 
+fn parse_capture(text: &str) -> Result<CaptureBytes, String> {
+    let max = lightshark_common::MAX_CAPTURE;
+    if text.eq_ignore_ascii_case("headers") {
+        return Ok(CaptureBytes::Headers);
+    }
+    match text.parse::<u32>() {
+        Ok(n) if n <= max => Ok(CaptureBytes::First(n)),
+        _ => Err(format!(
+            "{text:?} is neither `headers` nor a number of bytes from 0 to {max}"
+        )),
+    }
+}
+
 fn ring_size_ok(n: u64) -> bool {
     n.is_power_of_two() && (MIN_RING..=MAX_RING).contains(&n)
 }
@@ -490,8 +533,9 @@ fn parse_token(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-/// A protocol name (any case) or number, as the IP protocol number.
-fn parse_protocol(text: &str) -> Result<u8, String> {
+/// A protocol by name (any case) or number, as `--filter-protocol` and the
+/// API's `protocol` parameter take it.
+pub fn parse_protocol(text: &str) -> Result<u8, String> {
     let number = match text.to_ascii_lowercase().as_str() {
         "icmp" => 1,
         "tcp" => 6,

@@ -234,3 +234,18 @@ fn default_route_interface() -> Option<String> {
     }
     None
 }
+
+/// The name of the interface with this index in the agent's namespace, or
+/// the index itself (`"if7"`) once the interface is gone.
+pub fn name_of(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included.
+    let named = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if named.is_null() {
+        return format!("if{index}");
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}

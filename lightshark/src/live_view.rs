@@ -8,9 +8,10 @@ use hyper::body::Bytes;
 use serde::Serialize;
 
 use crate::{
-    api::{bad_request, json_bytes, parse_limit, query_pairs, ApiState, Handled},
+    api::{bad_request, json_bytes, ApiState, Handled},
     connections::Connection,
     flows::{Flow, LiveState, Snapshot},
+    params::Params,
     wire,
 };
 
@@ -28,33 +29,19 @@ enum View {
 }
 
 /// `limit` (1 to [`LIVE_MAX`]) and `group` (only `connection`), each at
-/// most once; anything else is a 400 naming it.
-fn params(query: &str) -> Result<(u32, View), (hyper::StatusCode, String)> {
-    let mut limit = None;
-    let mut view = None;
-    for (name, value) in query_pairs(query) {
-        match name.as_str() {
-            "limit" if limit.is_some() => {
-                return Err(bad_request("limit is given more than once".into()))
-            }
-            "limit" => limit = Some(parse_limit(&value, LIVE_MAX)?),
-            "group" if view.is_some() => {
-                return Err(bad_request("group is given more than once".into()))
-            }
-            "group" if value == "connection" => view = Some(View::Connections),
-            "group" => {
-                return Err(bad_request(format!(
-                    "group {value:?} is not a grouping; the only one is \"connection\""
-                )))
-            }
-            _ => {
-                return Err(bad_request(format!(
-                    "unknown query parameter {name:?}; /api/live takes: limit, group"
-                )))
-            }
+/// most once; anything else is an error naming it.
+fn params(path: &str, query: &str) -> Result<(u32, View), String> {
+    let p = Params::parse(path, query, &["limit", "group"])?;
+    let view = match p.text("group") {
+        None => View::Flows,
+        Some("connection") => View::Connections,
+        Some(other) => {
+            return Err(format!(
+                "group {other:?} is not a grouping; the only one is \"connection\""
+            ))
         }
-    }
-    Ok((limit.unwrap_or(LIVE_DEFAULT), view.unwrap_or(View::Flows)))
+    };
+    Ok((p.limit(LIVE_DEFAULT, LIVE_MAX)?, view))
 }
 
 /// The bodies of both views at the default limit, each with the snapshot
@@ -69,8 +56,8 @@ type Cached = (Weak<Snapshot>, Bytes);
 /// Answers `/api/live?query`. At the default limit each view is written
 /// once per snapshot and then served as is, since dashboards and probes
 /// poll it far more often than the snapshot changes.
-pub fn answer(state: &ApiState, query: &str) -> Handled {
-    let (limit, view) = params(query)?;
+pub fn answer(state: &ApiState, path: &str, query: &str) -> Handled {
+    let (limit, view) = params(path, query).map_err(bad_request)?;
     let snap = state.live.get();
     let render = || match view {
         View::Flows => flows(&state.live, &snap, limit),
@@ -247,6 +234,7 @@ mod tests {
 
     #[test]
     fn group_takes_only_connection_and_names_what_is_wrong() {
+        let params = |q| params("/api/live", q);
         assert_eq!(params(""), Ok((50, View::Flows)));
         assert_eq!(
             params("group=connection&limit=7"),
@@ -262,8 +250,7 @@ mod tests {
             ("limit=0&group=connection", &["limit", "1 to 10000"]),
             ("sort=bytes", &["\"sort\"", "limit, group"]),
         ] {
-            let (status, message) = params(query).unwrap_err();
-            assert_eq!(status, hyper::StatusCode::BAD_REQUEST, "{query}");
+            let message = params(query).unwrap_err();
             for w in words {
                 assert!(message.contains(w), "{query}: {message:?} lacks {w:?}");
             }

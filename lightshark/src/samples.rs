@@ -34,6 +34,30 @@ const MAX_BATCH: usize = 8192;
 pub struct Batch {
     pub clock: WallClock,
     pub samples: Vec<Sample>,
+    /// The captured bytes of every sample, one after the other: each
+    /// sample's `captured` says how many are its own.
+    pub bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn new(clock: WallClock) -> Batch {
+        Batch {
+            clock,
+            samples: Vec::new(),
+            bytes: Vec::new(),
+        }
+    }
+
+    /// Each sample with its captured bytes.
+    pub fn iter(&self) -> impl Iterator<Item = (&Sample, &[u8])> {
+        let mut at = 0;
+        self.samples.iter().map(move |s| {
+            let end = at + usize::from(s.captured);
+            let bytes = &self.bytes[at..end];
+            at = end;
+            (s, bytes)
+        })
+    }
 }
 
 /// What the reader has seen, for the loss ledger in `/api/stats`.
@@ -87,19 +111,21 @@ fn run(mut ring: RingBuf<MapData>, out: Sender<Batch>, stats: &ReaderStats, stop
         // stopped, so the drain below empties the ring for good.
         let stopping = stop.load(Ordering::SeqCst);
         let clock = WallClock::now();
-        let mut batch = Vec::new();
+        let mut batch = Batch::new(clock);
         while let Some(item) = ring.next() {
-            if item.len() < mem::size_of::<Sample>() {
+            let Some(sample) = parse_record(&item) else {
                 continue;
-            }
-            // SAFETY: the record is at least one Sample long, Sample is
-            // plain data, and the read tolerates any alignment.
-            batch.push(unsafe { ptr::read_unaligned(item.as_ptr().cast::<Sample>()) });
-            if batch.len() >= MAX_BATCH {
-                hand_over(&out, stats, clock, mem::take(&mut batch));
+            };
+            let start = mem::size_of::<Sample>();
+            batch
+                .bytes
+                .extend_from_slice(&item[start..start + usize::from(sample.captured)]);
+            batch.samples.push(sample);
+            if batch.samples.len() >= MAX_BATCH {
+                hand_over(&out, stats, mem::replace(&mut batch, Batch::new(clock)));
             }
         }
-        hand_over(&out, stats, clock, batch);
+        hand_over(&out, stats, batch);
         if stopping {
             return;
         }
@@ -107,19 +133,33 @@ fn run(mut ring: RingBuf<MapData>, out: Sender<Batch>, stats: &ReaderStats, stop
     }
 }
 
-fn hand_over(out: &Sender<Batch>, stats: &ReaderStats, clock: WallClock, samples: Vec<Sample>) {
-    if samples.is_empty() {
+/// The sample at the start of a ring record, with `captured` trimmed to the
+/// bytes the record really holds; None for a record too short to be one.
+fn parse_record(item: &[u8]) -> Option<Sample> {
+    let start = mem::size_of::<Sample>();
+    if item.len() < start {
+        return None;
+    }
+    // SAFETY: the record is at least one Sample long, Sample is plain data,
+    // and the read tolerates any alignment.
+    let mut sample = unsafe { ptr::read_unaligned(item.as_ptr().cast::<Sample>()) };
+    sample.captured = sample.captured.min((item.len() - start) as u16);
+    Some(sample)
+}
+
+fn hand_over(out: &Sender<Batch>, stats: &ReaderStats, batch: Batch) {
+    if batch.samples.is_empty() {
         return;
     }
-    let n = samples.len() as u64;
-    let segments = segments_of(&samples);
+    let n = batch.samples.len() as u64;
+    let segments = segments_of(&batch.samples);
     stats.received.add(n, segments);
     if stats.queued.samples() + n > MAX_QUEUED {
         stats.backlog_dropped.add(n, segments);
         return;
     }
     stats.queued.add(n, segments);
-    if out.send(Batch { clock, samples }).is_err() {
+    if out.send(batch).is_err() {
         // The store is gone (it failed for good); count, do not panic.
         stats.queued.sub(n, segments);
         stats.backlog_dropped.add(n, segments);

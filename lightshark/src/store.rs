@@ -1,11 +1,12 @@
-//! The sample history in SQLite: the schema, the one writer thread, and the
-//! read queries behind `/api/history`.
+//! The sample history in SQLite: the schema and its migrations, the one
+//! writer thread, and the pool of read connections the queries use.
 //!
 //! One writer commits batches in transactions (WAL, so readers never block
-//! it); readers use their own connections from a small pool.
+//! it); readers use their own connections from a small pool. Rows are kept
+//! in arrival order by id, with no per-row index: the chunk index
+//! (`chunks`) serves time ranges and filters.
 
 use std::{
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -20,15 +21,18 @@ use anyhow::{bail, Context as _};
 use rusqlite::{params, Connection, OpenFlags};
 
 use crate::{
+    chunks::{self, OpenChunk},
     clock::WallClock,
     ledger::Tally,
+    pcap,
     samples::{segments_of, Batch, ReaderStats},
     wire,
 };
 
-/// Schema version written to `PRAGMA user_version`; later versions migrate
-/// from it.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version written to `PRAGMA user_version`. Version 1 had no
+/// captured headers and a time index instead of the chunk index; it is
+/// migrated in place at start.
+const SCHEMA_VERSION: i64 = 2;
 /// Rows per transaction at most; a commit happens sooner when the queue runs
 /// dry, so at low rates samples are on disk within a drain period.
 const MAX_ROWS_PER_COMMIT: usize = 65_536;
@@ -47,20 +51,6 @@ pub struct WriterStats {
     /// Stored rows deleted later, by `--data-retention` and by `--max-db-size`.
     pub deleted_by_retention: AtomicU64,
     pub deleted_by_size_cap: AtomicU64,
-}
-
-/// One stored sample as the API returns it.
-#[derive(Debug, serde::Serialize)]
-pub struct HistoryRow {
-    pub timestamp: i64,
-    pub src_ip: String,
-    pub dst_ip: String,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub protocol: String,
-    pub length: u32,
-    pub segments: u32,
-    pub direction: &'static str,
 }
 
 /// The database file: opened once at start, then shared by the writer thread
@@ -106,16 +96,18 @@ impl SampleStore {
         Ok((store, conn))
     }
 
-    /// The newest `limit` samples, newest first; samples of the same
-    /// millisecond newest first by arrival.
-    pub fn history(&self, limit: u32) -> anyhow::Result<Vec<HistoryRow>> {
+    /// Runs `query` on a pooled read connection.
+    pub fn read<T>(
+        &self,
+        query: impl FnOnce(&Connection) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let conn = self.reader()?;
-        let rows = query_history(&conn, limit);
+        let result = query(&conn);
         self.readers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(conn);
-        rows
+        result
     }
 
     /// Closes the pooled read connections (queries after this open new ones).
@@ -140,6 +132,22 @@ impl SampleStore {
     }
 }
 
+/// The columns of version 1, all still there in version 2: a `samples`
+/// table without them is not ours.
+const V1_COLUMNS: [&str; 11] = [
+    "id",
+    "ts_ms",
+    "src_ip",
+    "dst_ip",
+    "src_port",
+    "dst_port",
+    "protocol",
+    "length",
+    "segments",
+    "direction",
+    "ifindex",
+];
+
 fn init_schema(conn: &Connection) -> anyhow::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -147,20 +155,11 @@ fn init_schema(conn: &Connection) -> anyhow::Result<()> {
     let columns: Vec<String> = columns
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    let ours = [
-        "id",
-        "ts_ms",
-        "src_ip",
-        "dst_ip",
-        "src_port",
-        "dst_port",
-        "protocol",
-        "length",
-        "segments",
-        "direction",
-        "ifindex",
-    ];
-    if !columns.is_empty() && !ours.iter().all(|c| columns.iter().any(|have| have == c)) {
+    if !columns.is_empty()
+        && !V1_COLUMNS
+            .iter()
+            .all(|c| columns.iter().any(|have| have == c))
+    {
         bail!(
             "it has a table named samples that LightShark did not make (columns: {}); \
              use another --db-path",
@@ -185,49 +184,92 @@ fn init_schema(conn: &Connection) -> anyhow::Result<()> {
     // does not leave a large -wal file behind.
     conn.execute_batch(
         "PRAGMA synchronous = NORMAL;
-         PRAGMA journal_size_limit = 67108864;
-         BEGIN;
-         CREATE TABLE IF NOT EXISTS samples (
-             id        INTEGER PRIMARY KEY,
-             ts_ms     INTEGER NOT NULL,
-             src_ip    BLOB    NOT NULL,
-             dst_ip    BLOB    NOT NULL,
-             src_port  INTEGER NOT NULL,
-             dst_port  INTEGER NOT NULL,
-             protocol  INTEGER NOT NULL,
-             length    INTEGER NOT NULL,
-             segments  INTEGER NOT NULL,
-             direction INTEGER NOT NULL,
-             ifindex   INTEGER NOT NULL
-         );
-         CREATE INDEX IF NOT EXISTS samples_ts ON samples (ts_ms);
-         COMMIT;",
+         PRAGMA journal_size_limit = 67108864;",
     )?;
+    if columns.is_empty() {
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE samples (
+                 id        INTEGER PRIMARY KEY,
+                 ts_ms     INTEGER NOT NULL,
+                 src_ip    BLOB    NOT NULL,
+                 dst_ip    BLOB    NOT NULL,
+                 src_port  INTEGER NOT NULL,
+                 dst_port  INTEGER NOT NULL,
+                 protocol  INTEGER NOT NULL,
+                 length    INTEGER NOT NULL,
+                 segments  INTEGER NOT NULL,
+                 direction INTEGER NOT NULL,
+                 ifindex   INTEGER NOT NULL,
+                 header    BLOB
+             );
+             CREATE TABLE chunks (
+                 chunk  INTEGER PRIMARY KEY,
+                 min_ts INTEGER NOT NULL,
+                 max_ts INTEGER NOT NULL,
+                 bloom  BLOB    NOT NULL
+             );
+             COMMIT;",
+        )?;
+    } else if version < 2 {
+        migrate_v1_to_v2(conn).context("migrating the history from schema version 1 to 2")?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(())
 }
 
-fn query_history(conn: &Connection, limit: u32) -> anyhow::Result<Vec<HistoryRow>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT ts_ms, src_ip, dst_ip, src_port, dst_port, protocol, length, segments, direction
-         FROM samples ORDER BY ts_ms DESC, id DESC LIMIT ?1",
+/// Version 1 to 2: adds the captured-header column (empty for old rows),
+/// builds the chunk index from the rows already stored, and drops the time
+/// index it replaces. One transaction: a kill halfway leaves version 1,
+/// migrated again at the next start.
+fn migrate_v1_to_v2(conn: &Connection) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(
+        "ALTER TABLE samples ADD COLUMN header BLOB;
+         CREATE TABLE IF NOT EXISTS chunks (
+             chunk  INTEGER PRIMARY KEY,
+             min_ts INTEGER NOT NULL,
+             max_ts INTEGER NOT NULL,
+             bloom  BLOB    NOT NULL
+         );
+         DELETE FROM chunks;
+         DROP INDEX IF EXISTS samples_ts;",
     )?;
-    let rows = stmt.query_map([limit], |r| {
-        let src: Vec<u8> = r.get(1)?;
-        let dst: Vec<u8> = r.get(2)?;
-        Ok(HistoryRow {
-            timestamp: r.get(0)?,
-            src_ip: wire::ip_from_bytes(&src).map_or_else(String::new, |a: IpAddr| a.to_string()),
-            dst_ip: wire::ip_from_bytes(&dst).map_or_else(String::new, |a: IpAddr| a.to_string()),
-            src_port: r.get(3)?,
-            dst_port: r.get(4)?,
-            protocol: wire::protocol_name(r.get(5)?),
-            length: r.get(6)?,
-            segments: r.get(7)?,
-            direction: wire::direction_name(r.get(8)?),
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut rows = 0u64;
+    {
+        let mut stmt = tx.prepare(
+            "SELECT id, ts_ms, src_ip, dst_ip, src_port, dst_port, protocol FROM samples ORDER BY id",
+        )?;
+        let mut cursor = stmt.query([])?;
+        let mut open: Option<OpenChunk> = None;
+        while let Some(r) = cursor.next()? {
+            let id: i64 = r.get(0)?;
+            let chunk = open.get_or_insert_with(|| OpenChunk::starting(id));
+            let src: Vec<u8> = r.get(2)?;
+            let dst: Vec<u8> = r.get(3)?;
+            chunk.add(
+                &tx,
+                id,
+                r.get(1)?,
+                &src,
+                &dst,
+                (r.get(4)?, r.get(5)?),
+                r.get(6)?,
+            )?;
+            rows += 1;
+        }
+        if let Some(chunk) = open {
+            chunk.save(&tx)?;
+        }
+    }
+    tx.pragma_update(None, "user_version", 2)?;
+    tx.commit()?;
+    log::info!(
+        "migrated the history ({rows} samples) from schema version 1 to 2 in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The running writer thread.
@@ -284,6 +326,15 @@ fn write_loop(setup: WriterSetup) {
         max_size,
     } = setup;
     let mut failing = ErrorLog::default();
+    let mut ids = match Ids::resume(&conn) {
+        Ok(ids) => ids,
+        Err(e) => {
+            // Without the next id nothing can be stored; the agent keeps
+            // counting and says why history stays empty.
+            log::error!("cannot write to the history: {e:#}");
+            Ids::fresh()
+        }
+    };
     // Housekeeping runs at start (old rows from earlier runs) and then at
     // most once a second, and keeps going step by step, between sample
     // commits, while there is more to delete.
@@ -294,7 +345,7 @@ fn write_loop(setup: WriterSetup) {
             .saturating_duration_since(Instant::now())
             .min(IDLE_WAKE);
         match input.recv_timeout(wait) {
-            Ok(first) => commit(&conn, first, &input, &queue, &stats, &mut failing),
+            Ok(first) => commit(&conn, &mut ids, first, &input, &queue, &stats, &mut failing),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 // Fold the WAL into the database file, so that the file alone
@@ -344,6 +395,11 @@ fn housekeeping(
             return Ok(n > 0);
         }
     }
+    // The index rows of chunks whose samples are all gone.
+    conn.prepare_cached(
+        "DELETE FROM chunks WHERE chunk < coalesce((SELECT min(id) FROM samples) / ?1, 1 << 62)",
+    )?
+    .execute([chunks::CHUNK_ROWS])?;
     Ok(false)
 }
 
@@ -355,9 +411,38 @@ fn used_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     Ok((pages.max(0) as u64) * pragma("page_size")? as u64)
 }
 
+/// The id the next sample gets and the chunk it falls in. Ids are given by
+/// the writer, in arrival order, so that the chunk index can be kept in
+/// memory and written once per commit.
+struct Ids {
+    next: i64,
+    chunk: OpenChunk,
+}
+
+impl Ids {
+    fn resume(conn: &Connection) -> rusqlite::Result<Ids> {
+        let next: i64 =
+            conn.query_row("SELECT coalesce(max(id), 0) + 1 FROM samples", [], |r| {
+                r.get(0)
+            })?;
+        Ok(Ids {
+            next,
+            chunk: OpenChunk::resume(conn, next)?,
+        })
+    }
+
+    fn fresh() -> Ids {
+        Ids {
+            next: 1,
+            chunk: OpenChunk::starting(1),
+        }
+    }
+}
+
 /// Commits `first` and whatever else is queued, up to a transaction's worth.
 fn commit(
     conn: &Connection,
+    ids: &mut Ids,
     first: Batch,
     input: &Receiver<Batch>,
     queue: &ReaderStats,
@@ -379,7 +464,13 @@ fn commit(
     let rows = rows as u64;
     queue.queued.sub(rows, segments);
     stats.in_flight.add(rows, segments);
-    let result = insert(conn, &batches);
+    let next = ids.next;
+    let result = insert(conn, ids, &batches);
+    if result.is_err() {
+        // Rolled back: the ids are free again (the chunk's filter may keep
+        // a few extra bits, which only costs a query a look).
+        ids.next = next;
+    }
     stats.in_flight.sub(rows, segments);
     match result {
         Ok(()) => stats.stored.add(rows, segments),
@@ -412,31 +503,37 @@ impl ErrorLog {
 }
 
 /// Deletes up to [`DELETE_BATCH`] of the oldest rows stamped before
-/// `before_ms`; returns how many.
+/// `before_ms`, looking at the oldest rows by id (arrival order, so by
+/// time); returns how many.
 fn delete_oldest(conn: &Connection, before_ms: i64) -> rusqlite::Result<usize> {
     conn.prepare_cached(
         "DELETE FROM samples WHERE id IN
-             (SELECT id FROM samples WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT ?2)",
+             (SELECT id FROM samples ORDER BY id LIMIT ?2) AND ts_ms < ?1",
     )?
     .execute(params![before_ms, DELETE_BATCH as i64])
 }
 
-fn insert(conn: &Connection, batches: &[Batch]) -> anyhow::Result<()> {
+fn insert(conn: &Connection, ids: &mut Ids, batches: &[Batch]) -> anyhow::Result<()> {
     let tx = conn.unchecked_transaction()?;
     {
         let mut stmt = tx.prepare_cached(
-            "INSERT INTO samples (ts_ms, src_ip, dst_ip, src_port, dst_port, protocol, length,
-                                  segments, direction, ifindex)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            "INSERT INTO samples (id, ts_ms, src_ip, dst_ip, src_port, dst_port, protocol, length,
+                                  segments, direction, ifindex, header)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )?;
+        let mut framed = Vec::new();
         for batch in batches {
-            for s in &batch.samples {
+            for (s, bytes) in batch.iter() {
                 let k = &s.key;
                 let width = wire::address_width(k.family);
+                let (src, dst) = (&k.src_addr[..width], &k.dst_addr[..width]);
+                let ts = batch.clock.unix_ms(s.timestamp_ns);
+                let header = pcap::as_ethernet(s, bytes, &mut framed);
                 stmt.execute(params![
-                    batch.clock.unix_ms(s.timestamp_ns),
-                    &k.src_addr[..width],
-                    &k.dst_addr[..width],
+                    ids.next,
+                    ts,
+                    src,
+                    dst,
                     k.src_port,
                     k.dst_port,
                     k.protocol,
@@ -444,10 +541,22 @@ fn insert(conn: &Connection, batches: &[Batch]) -> anyhow::Result<()> {
                     s.segments,
                     s.direction,
                     k.ifindex,
+                    header,
                 ])?;
+                ids.chunk.add(
+                    &tx,
+                    ids.next,
+                    ts,
+                    src,
+                    dst,
+                    (k.src_port, k.dst_port),
+                    k.protocol,
+                )?;
+                ids.next += 1;
             }
         }
     }
+    ids.chunk.save(&tx)?;
     tx.commit()?;
     Ok(())
 }

@@ -471,6 +471,30 @@ impl Agent {
         })?
     }
 
+    /// GET `path` for a body that is not JSON: status, the named response
+    /// header (if present) and the raw body.
+    pub fn get_bytes(
+        &self,
+        ns: &Netns,
+        path: &str,
+        header: &str,
+    ) -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
+        assert_eq!(ns.name, self.ns_name, "the agent runs in another namespace");
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let http = self.http.clone();
+        let header = header.to_owned();
+        ns.enter(move || -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
+            let mut resp = http.get(&url).call()?;
+            let value = resp
+                .headers()
+                .get(&header)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = resp.body_mut().with_config().limit(1 << 30).read_to_vec()?;
+            Ok((resp.status().as_u16(), value, body))
+        })?
+    }
+
     /// GET that must answer 200.
     pub fn get_ok(&self, ns: &Netns, path: &str) -> anyhow::Result<Value> {
         let (status, body) = self.get(ns, path)?;
@@ -1011,4 +1035,69 @@ pub fn wait_listening(ns: &Netns, port: u16) -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// What `wrk` reported for [`api_load`].
+pub struct Load {
+    /// wrk's whole report.
+    pub report: String,
+    pub requests: u64,
+    /// Whether wrk saw any non-2xx answer or socket error.
+    pub errors: bool,
+}
+
+/// 64 `wrk` connections for `seconds` cycling through `/api/live`,
+/// `/api/stats` and `/api/history?limit=1000` of the agent in `pair.b`,
+/// while 5,000 UDP datagrams a second flow from `pair.a` to port 7700.
+pub fn api_load(pair: &VethPair, dir: &TempDir, seconds: u32) -> anyhow::Result<Load> {
+    let _sink = pair.b.enter(|| UdpSocket::bind((B4, 7700)))??;
+    let script = dir.path.join("paths.lua");
+    fs::write(
+        &script,
+        "local paths = {'/api/live', '/api/stats', '/api/history?limit=1000'}\n\
+         local i = 0\n\
+         request = function() i = i % 3 + 1; return wrk.format('GET', paths[i]) end\n",
+    )?;
+    let report = thread::scope(|s| -> anyhow::Result<String> {
+        let traffic = s.spawn(|| {
+            udp_steady(
+                &pair.a,
+                A4,
+                B4,
+                7700,
+                5_000,
+                Duration::from_secs(seconds.into()),
+            )
+        });
+        let out = pair.b.exec(
+            "wrk",
+            &[
+                "-t2",
+                "-c64",
+                &format!("-d{seconds}s"),
+                "-s",
+                script.to_str().context("path")?,
+                &format!("http://127.0.0.1:{API_PORT}"),
+            ],
+        )?;
+        traffic
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })?;
+    let requests = report
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.trim().parse().ok())
+        })
+        .flatten()
+        .context("wrk printed no request count")?;
+    let errors = report.contains("Non-2xx") || report.contains("Socket errors");
+    Ok(Load {
+        report,
+        requests,
+        errors,
+    })
 }

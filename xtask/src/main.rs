@@ -65,6 +65,7 @@ const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "libcap2-bin",
     "wrk",
+    "chromium",
 ];
 /// PyPI packages the deployment checks run: Dockerfile lint, Kubernetes
 /// schemas, and the Compose schema check.
@@ -75,6 +76,8 @@ const TEST_PYTHON_PACKAGES: &[&str] = &[
     "pyyaml",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The npm project of the dashboard test (Playwright, pinned in its lock file).
+const DASHBOARD_TEST_DIR: &str = "tests/dashboard";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -194,6 +197,7 @@ fn setup(test_tools: bool) -> anyhow::Result<()> {
     apt_install(&packages)?;
     if test_tools {
         pip_install(TEST_PYTHON_PACKAGES)?;
+        npm_ci(DASHBOARD_TEST_DIR)?;
     }
     nightly_rust_src()?;
     bpf_linker()
@@ -223,13 +227,15 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     )
 }
 
+/// Whether `tool --version` runs and succeeds.
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
-    let have = |tool: &str| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
     let python_ok = Command::new("python3")
         .args(["-c", "import jsonschema, yaml"])
         .output()
@@ -249,6 +255,23 @@ fn pip_install(packages: &[&str]) -> anyhow::Result<()> {
             ])
             .args(packages)
             .env("PIP_ROOT_USER_ACTION", "ignore"),
+    )
+}
+
+/// Installs the locked npm packages of `dir` when it has none yet, with
+/// Debian's Node.js and npm where the machine has no npm.
+fn npm_ci(dir: &str) -> anyhow::Result<()> {
+    if PathBuf::from(dir).join("node_modules").is_dir() {
+        return Ok(());
+    }
+    if !have("npm") {
+        apt_install(&["nodejs", "npm"])?;
+    }
+    eprintln!("xtask: installing the npm packages of {dir}");
+    run_quiet(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(dir),
     )
 }
 
