@@ -23,6 +23,7 @@ fn benchmark_runs_end_to_end_on_a_tiny_size() -> anyhow::Result<()> {
         "## 3. Agent cost",
         "## 4. Flow scale",
         "## 5. Storage",
+        "## 6. API under load",
     ] {
         ensure!(
             report.contains(heading),

@@ -2,8 +2,6 @@
 //! and hundreds of WebSocket clients, some of which never read.
 
 use std::{
-    fs,
-    net::UdpSocket,
     thread,
     time::{Duration, Instant},
 };
@@ -20,48 +18,14 @@ fn sixty_four_http_clients_for_30_s_get_no_errors() -> anyhow::Result<()> {
     let pair = VethPair::new(false)?;
     let dir = TempDir::new("load")?;
     let agent = Agent::start(&pair.b, "vb", &dir, &[])?;
-    let _sink = pair.b.enter(|| UdpSocket::bind((B4, 7700)))??;
-    // wrk cycles through the three read endpoints.
-    let script = dir.path.join("paths.lua");
-    fs::write(
-        &script,
-        "local paths = {'/api/live', '/api/stats', '/api/history?limit=1000'}\n\
-         local i = 0\n\
-         request = function() i = i % 3 + 1; return wrk.format('GET', paths[i]) end\n",
-    )?;
-    let out = thread::scope(|s| -> anyhow::Result<String> {
-        let traffic = s.spawn(|| udp_steady(&pair.a, A4, B4, 7700, 5_000, Duration::from_secs(30)));
-        let out = pair.b.exec(
-            "wrk",
-            &[
-                "-t2",
-                "-c64",
-                "-d30s",
-                "-s",
-                script.to_str().context("path")?,
-                &format!("http://127.0.0.1:{API_PORT}"),
-            ],
-        )?;
-        traffic
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    })?;
-    eprintln!("{out}");
+    let load = api_load(&pair, &dir, 30)?;
+    eprintln!("{}", load.report);
+    ensure!(!load.errors, "errors under load:\n{}", load.report);
     ensure!(
-        !out.contains("Non-2xx") && !out.contains("Socket errors"),
-        "errors under load:\n{out}"
+        load.requests > 1000,
+        "only {} requests in 30 s",
+        load.requests
     );
-    let requests: u64 = out
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .split_once(" requests in ")
-                .map(|(n, _)| n.trim().parse().ok())
-        })
-        .flatten()
-        .context("wrk printed no request count")?;
-    ensure!(requests > 1000, "only {requests} requests in 30 s");
     let rss = status_mb(agent.pid().context("pid")?, "VmHWM:")?;
     eprintln!("peak RSS under load: {rss:.1} MB");
     ensure!(

@@ -432,7 +432,25 @@ impl Agent {
         headers: &[(&str, &str)],
     ) -> anyhow::Result<(u16, Value)> {
         assert_eq!(ns.name, self.ns_name, "the agent runs in another namespace");
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        self.request_at(ns, "127.0.0.1", method, path, headers)
+    }
+
+    /// GET `path` from inside `ns` at `host`, an address of the agent's
+    /// namespace that `ns` reaches: for a test whose API requests must not
+    /// cross the interfaces it counts.
+    pub fn get_via(&self, ns: &Netns, host: &str, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.request_at(ns, host, "GET", path, &[])
+    }
+
+    fn request_at(
+        &self,
+        ns: &Netns,
+        host: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, Value)> {
+        let url = format!("http://{host}:{}{path}", self.port);
         let http = self.http.clone();
         let mut req = ureq::http::Request::builder().method(method).uri(&url);
         for (k, v) in headers {
@@ -559,6 +577,19 @@ pub fn udp_burst(
 ) -> anyhow::Result<usize> {
     let dst_addr: SocketAddr = SocketAddr::new(dst.parse()?, port);
     let src_addr: SocketAddr = SocketAddr::new(src.parse()?, 0);
+    udp_burst_between(from, to, src_addr, dst_addr, count, payload)
+}
+
+/// [`udp_burst`] from a given source port (0: any), so that two bursts can
+/// make the two directions of one UDP conversation.
+pub fn udp_burst_between(
+    from: &Netns,
+    to: &Netns,
+    src_addr: SocketAddr,
+    dst_addr: SocketAddr,
+    count: usize,
+    payload: usize,
+) -> anyhow::Result<usize> {
     let receiver = to.enter(|| UdpSocket::bind(dst_addr))??;
     receiver.set_read_timeout(Some(Duration::from_millis(500)))?;
     let sender = from.enter(|| UdpSocket::bind(src_addr))??;
@@ -885,8 +916,26 @@ pub fn udp_steady(
     rate: u32,
     duration: Duration,
 ) -> anyhow::Result<u64> {
-    let sock = from.enter(|| UdpSocket::bind(SocketAddr::new(src.parse().unwrap(), 0)))??;
-    let dst = SocketAddr::new(dst.parse()?, port);
+    let src = SocketAddr::new(src.parse()?, 0);
+    udp_steady_between(
+        from,
+        src,
+        SocketAddr::new(dst.parse()?, port),
+        rate,
+        duration,
+    )
+}
+
+/// [`udp_steady`] from a given source port (0: any), so that two senders
+/// can make the two directions of one UDP conversation.
+pub fn udp_steady_between(
+    from: &Netns,
+    src: SocketAddr,
+    dst: SocketAddr,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let sock = from.enter(|| UdpSocket::bind(src))??;
     let start = Instant::now();
     let mut sent = 0u64;
     let payload = [0x11u8; 64];
@@ -986,4 +1035,69 @@ pub fn wait_listening(ns: &Netns, port: u16) -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// What `wrk` reported for [`api_load`].
+pub struct Load {
+    /// wrk's whole report.
+    pub report: String,
+    pub requests: u64,
+    /// Whether wrk saw any non-2xx answer or socket error.
+    pub errors: bool,
+}
+
+/// 64 `wrk` connections for `seconds` cycling through `/api/live`,
+/// `/api/stats` and `/api/history?limit=1000` of the agent in `pair.b`,
+/// while 5,000 UDP datagrams a second flow from `pair.a` to port 7700.
+pub fn api_load(pair: &VethPair, dir: &TempDir, seconds: u32) -> anyhow::Result<Load> {
+    let _sink = pair.b.enter(|| UdpSocket::bind((B4, 7700)))??;
+    let script = dir.path.join("paths.lua");
+    fs::write(
+        &script,
+        "local paths = {'/api/live', '/api/stats', '/api/history?limit=1000'}\n\
+         local i = 0\n\
+         request = function() i = i % 3 + 1; return wrk.format('GET', paths[i]) end\n",
+    )?;
+    let report = thread::scope(|s| -> anyhow::Result<String> {
+        let traffic = s.spawn(|| {
+            udp_steady(
+                &pair.a,
+                A4,
+                B4,
+                7700,
+                5_000,
+                Duration::from_secs(seconds.into()),
+            )
+        });
+        let out = pair.b.exec(
+            "wrk",
+            &[
+                "-t2",
+                "-c64",
+                &format!("-d{seconds}s"),
+                "-s",
+                script.to_str().context("path")?,
+                &format!("http://127.0.0.1:{API_PORT}"),
+            ],
+        )?;
+        traffic
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })?;
+    let requests = report
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.trim().parse().ok())
+        })
+        .flatten()
+        .context("wrk printed no request count")?;
+    let errors = report.contains("Non-2xx") || report.contains("Socket errors");
+    Ok(Load {
+        report,
+        requests,
+        errors,
+    })
 }

@@ -82,6 +82,8 @@ fn main() -> anyhow::Result<()> {
     flow_scale(size, &work, &mut report)?;
     eprintln!("bench: storage");
     storage(size, &work, &mut report)?;
+    eprintln!("bench: API under load");
+    api_under_load(size, &mut report)?;
     let text = report.render(tiny, started.elapsed());
     fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
     eprintln!(
@@ -805,14 +807,61 @@ fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<(
     let dir = TempDir::new("hist")?;
     let agent = Agent::start_with_db(&pair.b, "vb", &dir, &db, &["--quiet"])?;
     let (p50, p99, rps, errors) = wrk(&pair.b, "/api/history?limit=1000", 8, size.latency_seconds)?;
+    // The filtered queries of the same history, each on its own.
+    let (first_ts, last_ts): (i64, i64) = rusqlite::Connection::open(&db)?.query_row(
+        "SELECT min(ts_ms), max(ts_ms) FROM samples",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mid = first_ts + (last_ts - first_ts) / 2;
+    let half = stored / 2;
+    let queries = [
+        (
+            format!("/api/history?limit=1000&before={half}"),
+            "a page from the middle (`before` cursor)",
+        ),
+        (
+            format!("/api/history?limit=1000&since={mid}&until={}", mid + 50),
+            "a 50 ms window in the middle",
+        ),
+        (
+            "/api/history?limit=100&ip=10.0.3.7".to_owned(),
+            "an address in 1 row of 65,536",
+        ),
+        (
+            "/api/history?limit=100&port=12345".to_owned(),
+            "a port in 1 row of 60,000",
+        ),
+        (
+            "/api/history?limit=100&port=443&protocol=udp".to_owned(),
+            "a port and protocol in every row",
+        ),
+        (
+            format!("/api/top?by=ip&since={mid}&until={}", mid + 100),
+            "`/api/top?by=ip` over 100 ms (about 100k rows)",
+        ),
+    ];
+    let mut filtered = String::new();
+    let seconds = (size.latency_seconds / 2).max(1);
+    for (path, what) in &queries {
+        let (q50, q99, qrps, qerr) = wrk(&pair.b, path, 8, seconds)?;
+        filtered.push_str(&format!(
+            "| {what}: `{path}` | {q50:.2} ms / {q99:.2} ms | {qrps:.0} | {qerr} |\n"
+        ));
+    }
     drop(agent);
     let body = format!(
         "The agent's own writer (`store::Writer`: one thread, prepared statement, batched transactions, \
-         WAL) fed {stored} synthetic samples as fast as it takes them.\n\n| measure | value |\n|---|---|\n\
-         | sustained ingest | {rate:.0} rows/s ({secs:.1} s) |\n| bytes per stored sample (file size / rows, index included) | {per_row:.1} |\n\
+         WAL) fed {stored} synthetic samples (each with the 42 header bytes `--capture-bytes headers` \
+         keeps of a UDP datagram) as fast as it takes them.\n\n| measure | value |\n|---|---|\n\
+         | sustained ingest | {rate:.0} rows/s ({secs:.1} s) |\n| bytes per stored sample (file size / rows, headers and chunk index included) | {per_row:.1} |\n\
          | `/api/history?limit=1000` p50 / p99 with {stored} rows, `wrk -t2 -c8 -d{}s --latency` | {p50:.2} ms / {p99:.2} ms |\n\
-         | `/api/history?limit=1000` requests/s, errors | {rps:.0}, {errors} |\n",
-        size.latency_seconds
+         | `/api/history?limit=1000` requests/s, errors | {rps:.0}, {errors} |\n\n\
+         History queries on the same {stored} rows (`wrk -t2 -c8 -d{seconds}s --latency` each; the \
+         synthetic rows span {:.1} s, one per microsecond):\n\n\
+         | query | p50 / p99 | requests/s | errors |\n|---|---|---|---|\n{filtered}",
+        size.latency_seconds,
+        (last_ts - first_ts) as f64 / 1000.0
     );
     report.target(
         "SQLite ingest >= 300k rows/s",
@@ -820,5 +869,33 @@ fn storage(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Result<(
         format!("{rate:.0} rows/s"),
     );
     report.section("5. Storage", body);
+    Ok(())
+}
+
+/// The API under the load of tests/load.rs, for its peak memory.
+fn api_under_load(size: &Size, report: &mut Report) -> anyhow::Result<()> {
+    let pair = VethPair::new(false)?;
+    let dir = TempDir::new("load")?;
+    let agent = Agent::start(&pair.b, "vb", &dir, &["--quiet"])?;
+    let seconds = size.latency_seconds * 3;
+    let load = api_load(&pair, &dir, seconds)?;
+    let rss = status_mb(agent.pid().context("pid")?, "VmHWM:")?;
+    let body = format!(
+        "`wrk -t2 -c64 -d{seconds}s` cycling through `/api/live`, `/api/stats` and \
+         `/api/history?limit=1000` while 5,000 UDP datagrams a second flow through the monitored \
+         veth (the load of tests/load.rs, whose memory cap is 256 MB, the sidecar's limit in \
+         deploy/kubernetes/deployment.yaml).\n\n| measure | value |\n|---|---|\n\
+         | requests | {} ({:.0}/s) |\n| any non-2xx answer or socket error | {} |\n\
+         | agent peak RSS (VmHWM) | {rss:.1} MB |\n",
+        load.requests,
+        load.requests as f64 / f64::from(seconds),
+        if load.errors { "yes" } else { "no" },
+    );
+    report.target(
+        "API load: no errors, peak RSS under 256 MB",
+        !load.errors && rss < 256.0,
+        format!("{rss:.1} MB"),
+    );
+    report.section("6. API under load", body);
     Ok(())
 }
