@@ -81,7 +81,14 @@ pub struct FlowStats {
     pub bytes: u64,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
+    /// `FLOW_*` bits, set once when the entry is created.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// [`FlowStats::flags`] bit: the first packet of the flow the program saw
+/// was a TCP SYN without ACK, so its source opened the connection.
+pub const FLOW_OPENED_BY_SYN: u32 = 1;
 
 /// One ring-buffer record per kernel packet of an IP flow.
 ///
@@ -276,7 +283,7 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FlowKey>(), 44);
-        assert_eq!(size_of::<FlowStats>(), 32);
+        assert_eq!(size_of::<FlowStats>(), 40);
         assert_eq!(size_of::<Sample>(), 64);
         assert_eq!(size_of::<Totals>(), 15 * 8);
         assert_eq!(size_of::<Filter>(), 24);

@@ -26,8 +26,8 @@ use aya_ebpf::{
 use lightshark_common::{
     protocol_slot, Captured, Counter, Filter, FlowKey, FlowStats, Sample, Snap, Totals,
     DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR, FILTER_PORT,
-    FILTER_PROTOCOL, MAX_CAPTURE, NONIP_LLC, NONIP_OTHER, NONIP_RUNT, NON_IP_SLOT, PROTOCOL_SLOTS,
-    SAMPLE_RAW_IP,
+    FILTER_PROTOCOL, FLOW_OPENED_BY_SYN, MAX_CAPTURE, NONIP_LLC, NONIP_OTHER, NONIP_RUNT,
+    NON_IP_SLOT, PROTOCOL_SLOTS, SAMPLE_RAW_IP,
 };
 
 /// Sizes here are defaults; the agent sets the real ones at load time.
@@ -88,6 +88,9 @@ const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_DSTOPTS: u8 = 60;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
+/// TCP header flag bits (byte 13 of the header).
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// TCX_NEXT on a TCX link and TC_ACT_UNSPEC on a legacy filter are the same
 /// value: "no verdict, run whatever comes next".
@@ -119,9 +122,15 @@ pub fn ls_raw_egress(ctx: TcContext) -> i32 {
 
 /// What the parser found in one frame.
 enum Parsed {
-    /// An IP packet: its flow key, where its L4 header starts, and whether
-    /// that header is there (its ports were read).
-    Ip { key: FlowKey, l4: u32, has_l4: bool },
+    /// An IP packet: its flow key, where its L4 header starts, whether
+    /// that header is there (its ports were read), and whether it is a TCP
+    /// SYN without ACK.
+    Ip {
+        key: FlowKey,
+        l4: u32,
+        has_l4: bool,
+        syn_only: bool,
+    },
     /// Anything without a readable IP header, by ethertype (or
     /// [`NONIP_LLC`] / [`NONIP_RUNT`]).
     NonIp(u16),
@@ -150,9 +159,9 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
     // length worth a read.
     let need_l4_len = segments > 1 || snap.headers_only != 0;
     let headers_end = match &parsed {
-        Parsed::Ip { key, l4, has_l4 } if need_l4_len && *has_l4 => {
-            *l4 + l4_header_len(ctx, key.protocol, *l4)
-        }
+        Parsed::Ip {
+            key, l4, has_l4, ..
+        } if need_l4_len && *has_l4 => *l4 + l4_header_len(ctx, key.protocol, *l4),
         Parsed::Ip { key, l4, .. }
             if need_l4_len && (key.protocol == IPPROTO_ICMP || key.protocol == IPPROTO_ICMPV6) =>
         {
@@ -190,12 +199,14 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
             count_protocol(direction, NON_IP_SLOT, segs, wire);
             count_nonip(ethertype, segs, wire);
         }
-        Parsed::Ip { mut key, .. } => {
+        Parsed::Ip {
+            mut key, syn_only, ..
+        } => {
             let protocol = untraced(&mut totals.protocol_scratch, key.protocol);
             count_protocol(direction, protocol, segs, wire);
             key.ifindex = skb.ifindex;
             let now = unsafe { bpf_ktime_get_ns() };
-            if !count_flow(&key, segs, wire, now) {
+            if !count_flow(&key, segs, wire, now, syn_only) {
                 totals.flow_map_full += segs;
             }
             totals.samples += 1;
@@ -312,10 +323,11 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     u128::from_ne_bytes(*a) == u128::from_ne_bytes(*b)
 }
 
-/// Adds to the flow's entry, creating it if needed. Returns false when the
-/// map is full and the flow has no entry.
+/// Adds to the flow's entry, creating it if needed (marked as opened by a
+/// SYN when this first packet is one). Returns false when the map is full
+/// and the flow has no entry.
 #[inline(always)]
-fn count_flow(key: &FlowKey, segs: u64, wire: u64, now: u64) -> bool {
+fn count_flow(key: &FlowKey, segs: u64, wire: u64, now: u64, syn_only: bool) -> bool {
     if add_to_flow(key, segs, wire, now) {
         return true;
     }
@@ -324,6 +336,8 @@ fn count_flow(key: &FlowKey, segs: u64, wire: u64, now: u64) -> bool {
         bytes: wire,
         first_seen_ns: now,
         last_seen_ns: now,
+        flags: if syn_only { FLOW_OPENED_BY_SYN } else { 0 },
+        _pad: 0,
     };
     match FLOWS.insert(key, &fresh, BPF_NOEXIST as u64) {
         Ok(()) => true,
@@ -422,6 +436,8 @@ fn load_be16(ctx: &TcContext, off: u32) -> Option<u16> {
 /// Untagged Ethernet, IPv4 without options and the first four L4 bytes:
 /// the common frame, read in one helper call instead of three.
 const FAST_IPV4_LEN: u32 = ETH_HLEN + 20 + 4;
+/// The same frame up to its TCP flags byte (the 14th of the TCP header).
+const FAST_TCP_LEN: u32 = ETH_HLEN + 20 + 14;
 
 #[inline(always)]
 fn parse_ethernet(ctx: &TcContext, len: u32) -> Parsed {
@@ -435,13 +451,19 @@ fn parse_ethernet(ctx: &TcContext, len: u32) -> Parsed {
             let mut ip = [0u8; 20];
             ip.copy_from_slice(&h[14..34]);
             let (key, l4, limit, later) = ipv4_header(&ip, ETH_HLEN, len);
+            let flags = if key.protocol == IPPROTO_TCP && data + FAST_TCP_LEN as usize <= end {
+                // SAFETY: bounded by the check just made.
+                Some(unsafe { *((data + FAST_TCP_LEN as usize - 1) as *const u8) })
+            } else {
+                None
+            };
             return finish_l4(
                 ctx,
                 key,
                 l4,
                 limit,
                 later,
-                Some([h[34], h[35], h[36], h[37]]),
+                Some(([h[34], h[35], h[36], h[37]], flags)),
             );
         }
     }
@@ -569,8 +591,10 @@ fn parse_ipv6(ctx: &TcContext, off: u32, len: u32) -> Parsed {
 }
 
 /// Adds the ports where the protocol has them, the first four L4 bytes are
-/// within the packet, and the packet is not a later fragment. `loaded` holds
-/// those four bytes when the caller already read them.
+/// within the packet, and the packet is not a later fragment; for TCP also
+/// whether it is a SYN without ACK, when the flags byte is within the packet
+/// too. `loaded` holds those four bytes, and the TCP flags if they were in
+/// reach, when the caller already read them.
 #[inline(always)]
 fn finish_l4(
     ctx: &TcContext,
@@ -578,25 +602,40 @@ fn finish_l4(
     l4: u32,
     limit: u32,
     later: bool,
-    loaded: Option<[u8; 4]>,
+    loaded: Option<([u8; 4], Option<u8>)>,
 ) -> Parsed {
     let has_ports = matches!(
         key.protocol,
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE
     );
     let mut has_l4 = false;
+    let mut syn_only = false;
     if has_ports && !later && l4 + 4 <= limit {
-        let ports = match loaded {
-            Some(p) => Some(p),
-            None => ctx.load::<[u8; 4]>(l4 as usize).ok(),
+        // The room is tested apart from `l4`, so that the verifier learns
+        // nothing new about `l4` (which bounds the capture later) and prunes
+        // states as before; TCP's flags come with the ports, in one read.
+        let tcp = key.protocol == IPPROTO_TCP && limit.wrapping_sub(l4) >= 14;
+        let read = match loaded {
+            Some((p, flags)) => Some((p, flags.filter(|_| tcp))),
+            None if tcp => ctx
+                .load::<[u8; 14]>(l4 as usize)
+                .ok()
+                .map(|h| ([h[0], h[1], h[2], h[3]], Some(h[13]))),
+            None => ctx.load::<[u8; 4]>(l4 as usize).ok().map(|p| (p, None)),
         };
-        if let Some(p) = ports {
+        if let Some((p, flags)) = read {
             key.src_port = u16::from_be_bytes([p[0], p[1]]);
             key.dst_port = u16::from_be_bytes([p[2], p[3]]);
             has_l4 = true;
+            syn_only = flags.is_some_and(|f| f & (TCP_SYN | TCP_ACK) == TCP_SYN);
         }
     }
-    Parsed::Ip { key, l4, has_l4 }
+    Parsed::Ip {
+        key,
+        l4,
+        has_l4,
+        syn_only,
+    }
 }
 
 /// Bytes of the L4 header, as repeated in each GSO segment.

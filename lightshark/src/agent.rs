@@ -30,7 +30,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     // Raised before any thread starts: capabilities are per thread, and
     // threads inherit them only at creation.
     caps::ensure()?;
-    let iface = interface::resolve(config.interface.as_deref())?;
+    let ifaces = interface::resolve_all(&config.interfaces)?;
     // Everything that can fail on bad input is checked before the program is
     // attached, so a failed start leaves the interface untouched.
     let (store, writer_conn) = SampleStore::open(&config.db_path)?;
@@ -48,7 +48,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut signals = runtime.block_on(async { Signals::install() })?;
     raise_fd_limit();
 
-    let (capture, maps) = Capture::start(&iface, &config)?;
+    let (capture, maps) = Capture::start(&ifaces, &config)?;
     let reader_stats = Arc::new(ReaderStats::default());
     let writer_stats = Arc::new(WriterStats::default());
     let (to_writer, from_reader) = mpsc::channel();
@@ -61,7 +61,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         max_size: config.max_db_size,
     });
     let reader = Reader::spawn(maps.samples, to_writer, reader_stats.clone());
-    let live = Arc::new(LiveState::default());
+    let live = Arc::new(LiveState::new(&ifaces));
     let poller = Poller::spawn(
         FlowMaps {
             flows: maps.flows,
@@ -100,15 +100,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let server = tokio::spawn(api::serve(listener, state, api_stopped));
         let stop = tokio::select! {
             name = signals.next() => Stop::Signal(name),
-            () = interface_gone(&iface) => Stop::InterfaceGone,
+            gone = interface_gone(&ifaces) => Stop::InterfaceGone(gone),
         };
         let _ = stop_api.send(true);
         let _ = server.await;
         stop
     });
-    match stop {
+    match &stop {
         Stop::Signal(name) => log::info!("{name}: detaching and writing every pending sample"),
-        Stop::InterfaceGone => log::error!(
+        Stop::InterfaceGone(iface) => log::error!(
             "interface {} (index {}) is gone; writing every pending sample and exiting so \
              that the monitor is restarted when the interface is back",
             iface.name,
@@ -129,7 +129,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
     match stop {
         Stop::Signal(_) => Ok(()),
-        Stop::InterfaceGone => anyhow::bail!("interface {} disappeared", iface.name),
+        Stop::InterfaceGone(iface) => anyhow::bail!("interface {} disappeared", iface.name),
     }
 }
 
@@ -167,18 +167,18 @@ fn describe_settings(config: &Config) -> String {
 /// Why the agent stops.
 enum Stop {
     Signal(&'static str),
-    InterfaceGone,
+    InterfaceGone(interface::Interface),
 }
 
-/// Returns once the watched interface no longer exists under its name and
-/// index. A deleted interface takes the hooks with it, so there is nothing
-/// left to count; checked once a second.
-async fn interface_gone(iface: &interface::Interface) {
+/// Returns the first watched interface that no longer exists under its
+/// name and index. A deleted interface takes its hooks with it, so its
+/// traffic can no longer be counted; checked once a second.
+async fn interface_gone(ifaces: &[interface::Interface]) -> interface::Interface {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if !interface::still_there(iface) {
-            return;
+        if let Some(gone) = ifaces.iter().find(|i| !interface::still_there(i)) {
+            return gone.clone();
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
@@ -21,10 +21,10 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     clock::WallClock,
     dashboard,
-    flows::{LiveState, Snapshot},
+    flows::LiveState,
     history::{self, TopBy},
     ledger::Tally,
-    metrics,
+    live_view, metrics, openapi,
     params::{query_pairs, Params},
     samples::ReaderStats,
     store::{SampleStore, WriterStats},
@@ -32,9 +32,6 @@ use crate::{
     wire,
 };
 
-/// Flows listed by `/api/live` without `limit`, and the most it lists.
-const LIVE_DEFAULT: u32 = 50;
-const LIVE_MAX: u32 = 10_000;
 /// `/api/history` without `limit`, and the largest `limit` allowed.
 const HISTORY_DEFAULT: u32 = 100;
 const HISTORY_MAX: u32 = 10_000;
@@ -64,8 +61,8 @@ pub struct ApiState {
     pub started: Instant,
     /// Where `/api/stream` clients get their messages.
     pub feed: Feed,
-    /// The default `/api/live` body and the snapshot it was rendered from.
-    pub live_cache: Mutex<Option<(Arc<Snapshot>, Bytes)>>,
+    /// The default `/api/live` bodies and the snapshots they were written from.
+    pub live_cache: live_view::LiveCache,
     /// `--api-token`: when set, every endpoint but /api/health wants it.
     pub token: Option<String>,
     /// `--flow-map-size`: the flows the kernel map can hold.
@@ -173,8 +170,9 @@ pub async fn serve(
 }
 
 /// Every endpoint; each answers GET only.
-const ROUTES: &[&str] = &[
+pub(crate) const ROUTES: &[&str] = &[
     dashboard::PATH,
+    openapi::PATH,
     "/api/health",
     "/api/live",
     "/api/stats",
@@ -185,9 +183,9 @@ const ROUTES: &[&str] = &[
     "/metrics",
 ];
 
-/// Served without the token: the health probe, and the dashboard page,
-/// which holds no data.
-const OPEN: &[&str] = &["/api/health", dashboard::PATH];
+/// Served without the token: the health probe, and the dashboard page and
+/// the API document, which hold no data.
+const OPEN: &[&str] = &["/api/health", dashboard::PATH, openapi::PATH];
 
 /// Dispatches a request to its handler, after the checks every route shares.
 async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
@@ -227,26 +225,14 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     }
     let result = match path.as_str() {
         "/api/health" => no_query(&path, &query).map(|()| json_bytes(&health(state))),
-        "/api/live" => Params::parse(&path, &query, &["limit"])
-            .and_then(|p| p.limit(LIVE_DEFAULT, LIVE_MAX))
-            .map_err(bad_request)
-            .map(|n| live(state, n)),
+        "/api/live" => live_view::answer(state, &path, &query),
         "/api/stats" => no_query(&path, &query).map(|()| json_bytes(&stats(state))),
         "/api/history" => history(state, &path, &query).await,
         "/api/history.pcap" => return history_pcap(state, &path, &query).await,
         "/api/top" => top(state, &path, &query).await,
-        dashboard::PATH => {
-            return match no_query(&path, &query) {
-                Ok(()) => dashboard::page(),
-                Err((status, message)) => error(status, message),
-            }
-        }
-        "/metrics" => {
-            return match no_query(&path, &query) {
-                Ok(()) => metrics::reply(state),
-                Err((status, message)) => error(status, message),
-            }
-        }
+        dashboard::PATH => return without_query(&path, &query, dashboard::page),
+        openapi::PATH => return without_query(&path, &query, openapi::document),
+        "/metrics" => return without_query(&path, &query, || metrics::reply(state)),
         _ => {
             return match Params::parse(&path, &query, &["token"]) {
                 Ok(_) => stream::upgrade(req, &state.feed).unwrap_or_else(|NotWebSocket(why)| {
@@ -267,9 +253,11 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     }
 }
 
-type Handled = Result<Bytes, (StatusCode, String)>;
+/// A handler's answer: a JSON body, or a status and an error message.
+pub(crate) type Handled = Result<Bytes, (StatusCode, String)>;
 
-fn bad_request(message: String) -> (StatusCode, String) {
+/// A 400 with `message`.
+pub(crate) fn bad_request(message: String) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, message)
 }
 
@@ -277,6 +265,14 @@ fn no_query(path: &str, query: &str) -> Result<(), (StatusCode, String)> {
     Params::parse(path, query, &[])
         .map(|_| ())
         .map_err(bad_request)
+}
+
+/// `answer()` when the request has no query parameters; a 400 otherwise.
+fn without_query(path: &str, query: &str, answer: impl FnOnce() -> Reply) -> Reply {
+    match no_query(path, query) {
+        Ok(()) => answer(),
+        Err((status, message)) => error(status, message),
+    }
 }
 
 fn health(state: &ApiState) -> Value {
@@ -293,79 +289,6 @@ fn dropped(state: &ApiState, totals: &lightshark_common::Totals) -> u64 {
     totals.ringbuf_drops
         + state.reader.backlog_dropped.samples()
         + state.writer.storage_dropped.samples()
-}
-
-/// One `/api/live` entry.
-#[derive(Serialize)]
-struct LiveFlow {
-    connection: String,
-    protocol: String,
-    src_ip: String,
-    dst_ip: String,
-    src_port: u16,
-    dst_port: u16,
-    first_seen: i64,
-    last_seen: i64,
-    stats: LiveStats,
-}
-
-#[derive(Serialize)]
-struct LiveStats {
-    bytes_sent: u64,
-    packets_count: u64,
-}
-
-#[derive(Serialize)]
-struct Live {
-    connections: Vec<LiveFlow>,
-    total_packets: u64,
-    total_bytes: u64,
-}
-
-/// `/api/live`; the default view is rendered once per snapshot and then
-/// served as is, since dashboards and probes poll it far more often than
-/// the snapshot changes.
-fn live(state: &ApiState, limit: u32) -> Bytes {
-    let snap = state.live.get();
-    let cache = || state.live_cache.lock().unwrap_or_else(|e| e.into_inner());
-    if limit == LIVE_DEFAULT {
-        if let Some((cached, body)) = cache().as_ref() {
-            if Arc::ptr_eq(cached, &snap) {
-                return body.clone();
-            }
-        }
-    }
-    let live = Live {
-        connections: snap
-            .flows
-            .iter()
-            .take(limit as usize)
-            .map(|f| {
-                let (src, dst) = wire::addresses(&f.key);
-                LiveFlow {
-                    connection: wire::connection(&f.key),
-                    protocol: wire::protocol_name(f.key.protocol),
-                    src_ip: src.to_string(),
-                    dst_ip: dst.to_string(),
-                    src_port: f.key.src_port,
-                    dst_port: f.key.dst_port,
-                    first_seen: f.first_seen_ms,
-                    last_seen: f.last_seen_ms,
-                    stats: LiveStats {
-                        bytes_sent: f.bytes,
-                        packets_count: f.packets,
-                    },
-                }
-            })
-            .collect(),
-        total_packets: snap.totals.packets,
-        total_bytes: snap.totals.bytes,
-    };
-    let body = json_bytes(&live);
-    if limit == LIVE_DEFAULT {
-        *cache() = Some((snap, body.clone()));
-    }
-    body
 }
 
 fn stats(state: &ApiState) -> Value {
@@ -521,7 +444,8 @@ async fn read<T: Send + 'static>(
         .map_err(|e| failed(format!("{e:#}")))
 }
 
-fn json_bytes(value: &impl Serialize) -> Bytes {
+/// `value` as JSON.
+pub(crate) fn json_bytes(value: &impl Serialize) -> Bytes {
     // Serializing plain data (no maps with non-string keys) cannot fail.
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }

@@ -1,9 +1,10 @@
-//! Loading the kernel program and hooking it onto an interface, both ways.
+//! Loading the kernel program and hooking it onto interfaces, both ways.
 //!
-//! [`Capture`] owns the loaded object and its hooks; the maps are handed out
-//! once as [`KernelMaps`] to the modules that read them. Stopping (or
-//! dropping) the capture detaches both hooks and removes the clsact qdisc if
-//! this process added it, so nothing of ours stays on the interface.
+//! [`Capture`] owns the loaded object and its hooks; one object serves every
+//! watched interface, so all of them count into the same maps, which are
+//! handed out once as [`KernelMaps`] to the modules that read them. Stopping
+//! (or dropping) the capture detaches every hook and removes each clsact
+//! qdisc this process added, so nothing of ours stays on any interface.
 
 use std::{io, mem, net::IpAddr};
 
@@ -42,19 +43,31 @@ pub struct KernelMaps {
     pub samples: RingBuf<MapData>,
 }
 
-/// The program, loaded and attached on ingress and egress of one interface.
+/// The program, loaded once and attached to every watched interface: on
+/// ingress and egress, or on ingress alone on loopback.
 pub struct Capture {
     ebpf: Option<Ebpf>,
-    interface: Interface,
-    /// Set when we created the clsact qdisc and so must remove it.
-    added_qdisc: bool,
+    /// Interfaces whose clsact qdisc we created and so must remove.
+    added_qdiscs: Vec<Interface>,
+}
+
+/// The hooks attached on an interface: a loopback packet passes both (it
+/// leaves and enters the same device), so there ingress alone counts each
+/// packet once, and only what the device delivered.
+fn hooks(interface: &Interface) -> &'static [TcAttachType] {
+    if interface.loopback {
+        &[TcAttachType::Ingress]
+    } else {
+        &[TcAttachType::Ingress, TcAttachType::Egress]
+    }
 }
 
 impl Capture {
-    /// Checks the kernel, loads the program and attaches it in `mode`.
-    /// Needs the capabilities `caps::ensure` makes effective.
+    /// Checks the kernel, loads the program and attaches it to each of
+    /// `interfaces` in the configured mode. Needs the capabilities
+    /// `caps::ensure` makes effective.
     pub fn start(
-        interface: &Interface,
+        interfaces: &[Interface],
         config: &config::Config,
     ) -> anyhow::Result<(Capture, KernelMaps)> {
         let mode = config.attach_mode;
@@ -73,24 +86,77 @@ impl Capture {
 
         let filter = kernel_filter(&config.filter);
         let snap = kernel_snap(config.capture_bytes);
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER, &filter, true)
             .override_global(GLOBAL_SNAP, &snap, true)
             .map_max_entries(MAP_FLOWS, config.flow_map_size)
             .map_max_entries(MAP_SAMPLES, config.ring_buffer_size)
             .load(OBJECT)
             .context("loading the kernel program's maps")?;
+        // Owned by the capture from here on, so that a failure on any
+        // interface detaches what was already attached on the others.
+        let mut capture = Capture {
+            ebpf: Some(ebpf),
+            added_qdiscs: Vec::new(),
+        };
+        let mut loaded = Vec::new();
+        for interface in interfaces {
+            capture.attach(interface, tcx, &mut loaded)?;
+        }
+        log::info!(
+            "watching {} with {}",
+            interfaces
+                .iter()
+                .map(|i| {
+                    let hooks = if i.loopback {
+                        "ingress only: loopback"
+                    } else {
+                        "ingress and egress"
+                    };
+                    format!("{} ({hooks})", i.name)
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            if tcx { "TCX links" } else { "clsact filters" }
+        );
+        let ebpf = capture.ebpf.as_mut().expect("set above");
+        let mut nonip: PerCpuHashMap<MapData, u16, Counter> =
+            PerCpuHashMap::try_from(take(ebpf, MAP_NONIP)?)?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
+        nonip
+            .insert(
+                NONIP_OTHER,
+                PerCpuValues::try_from(vec![Counter::default(); cpus])?,
+                0,
+            )
+            .context("creating the non-IP \"other\" counter")?;
+        let maps = KernelMaps {
+            flows: HashMap::try_from(take(ebpf, MAP_FLOWS)?)?,
+            totals: PerCpuArray::try_from(take(ebpf, MAP_TOTALS)?)?,
+            nonip,
+            protocols: PerCpuArray::try_from(take(ebpf, MAP_PROTOCOLS)?)?,
+            samples: RingBuf::try_from(take(ebpf, MAP_SAMPLES)?)?,
+        };
+        Ok((capture, maps))
+    }
+
+    /// Hooks the loaded program onto one interface. `loaded` lists the
+    /// programs already loaded into the kernel: each is loaded once and
+    /// attached to every interface of its link kind.
+    fn attach(
+        &mut self,
+        interface: &Interface,
+        tcx: bool,
+        loaded: &mut Vec<&'static str>,
+    ) -> anyhow::Result<()> {
         let (ingress, egress) = match interface.kind {
             LinkKind::Ethernet => (PROG_ETH_INGRESS, PROG_ETH_EGRESS),
             LinkKind::RawIp => (PROG_RAW_INGRESS, PROG_RAW_EGRESS),
         };
-        let mut capture = Capture {
-            ebpf: None,
-            interface: interface.clone(),
-            added_qdisc: false,
-        };
         if !tcx {
-            capture.added_qdisc = match tc::qdisc_add_clsact(&interface.name) {
+            let added = match tc::qdisc_add_clsact(&interface.name) {
                 Ok(()) => true,
                 // An existing qdisc may hold filters of an earlier agent that
                 // was killed; once they are removed, the qdisc is ours to
@@ -103,18 +169,27 @@ impl Capture {
                         .with_context(|| format!("adding the clsact qdisc to {}", interface.name))
                 }
             };
+            if added {
+                self.added_qdiscs.push(interface.clone());
+            }
         }
-        for (name, hook) in [
-            (ingress, TcAttachType::Ingress),
-            (egress, TcAttachType::Egress),
-        ] {
+        let ebpf = self.ebpf.as_mut().expect("attached before stopping");
+        for &hook in hooks(interface) {
+            let name = if hook == TcAttachType::Ingress {
+                ingress
+            } else {
+                egress
+            };
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the kernel object"))?
                 .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the kernel rejected program {name}"))?;
+            if !loaded.contains(&name) {
+                program
+                    .load()
+                    .with_context(|| format!("the kernel rejected program {name}"))?;
+                loaded.push(name);
+            }
             let options = if tcx {
                 TcAttachOptions::TcxOrder(LinkOrder::default())
             } else {
@@ -130,35 +205,10 @@ impl Capture {
                     )
                 })?;
         }
-        log::info!(
-            "watching {} (ingress and egress) with {}",
-            interface.name,
-            if tcx { "TCX links" } else { "clsact filters" }
-        );
-        let mut nonip: PerCpuHashMap<MapData, u16, Counter> =
-            PerCpuHashMap::try_from(take(&mut ebpf, MAP_NONIP)?)?;
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("counting CPUs")?;
-        nonip
-            .insert(
-                NONIP_OTHER,
-                PerCpuValues::try_from(vec![Counter::default(); cpus])?,
-                0,
-            )
-            .context("creating the non-IP \"other\" counter")?;
-        let maps = KernelMaps {
-            flows: HashMap::try_from(take(&mut ebpf, MAP_FLOWS)?)?,
-            totals: PerCpuArray::try_from(take(&mut ebpf, MAP_TOTALS)?)?,
-            nonip,
-            protocols: PerCpuArray::try_from(take(&mut ebpf, MAP_PROTOCOLS)?)?,
-            samples: RingBuf::try_from(take(&mut ebpf, MAP_SAMPLES)?)?,
-        };
-        capture.ebpf = Some(ebpf);
-        Ok((capture, maps))
+        Ok(())
     }
 
-    /// Detaches both hooks and removes the qdisc we added. After this the
+    /// Detaches every hook and removes the qdiscs we added. After this the
     /// kernel emits no more samples, so the ring buffer can be drained dry.
     pub fn stop(mut self) {
         self.detach();
@@ -169,9 +219,9 @@ impl Capture {
         if self.ebpf.take().is_none() {
             return;
         }
-        if self.added_qdisc {
+        for interface in self.added_qdiscs.drain(..) {
             // A deleted interface took the qdisc with it.
-            if let Err(e) = delete_clsact(self.interface.index).or_else(|e| {
+            if let Err(e) = delete_clsact(interface.index).or_else(|e| {
                 if e.raw_os_error() == Some(libc::ENODEV) {
                     Ok(())
                 } else {
@@ -180,10 +230,9 @@ impl Capture {
             }) {
                 log::warn!(
                     "could not remove the clsact qdisc from {}: {e}",
-                    self.interface.name
+                    interface.name
                 );
             }
-            self.added_qdisc = false;
         }
     }
 }
@@ -203,6 +252,7 @@ fn remove_orphans(interface: &Interface) -> usize {
         return 0;
     }
     let mut removed = 0;
+    // Both hooks: an agent killed before may have attached either.
     for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
         for name in [
             PROG_ETH_INGRESS,

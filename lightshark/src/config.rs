@@ -31,7 +31,7 @@ never matches --filter-port.
 
 Config file (-c): YAML with the same settings, keyed by each flag's long name
 with underscores; a flag given on the command line wins over the file:
-  interface: eth0
+  interface: [eth0, lo]
   bind: 0.0.0.0
   api_token: s3cret
   max_db_size: 1073741824
@@ -55,10 +55,10 @@ with underscores; a flag given on the command line wins over the file:
 #[command(name = "lightshark-mini", version, about, long_about = None, after_help = AFTER_HELP)]
 #[command(allow_negative_numbers = true)]
 struct Cli {
-    /// Network interface to watch [default: the default-route interface,
-    /// else the first up non-loopback one]
-    #[arg(short, long, value_name = "NAME")]
-    interface: Option<String>,
+    /// Network interfaces to watch, comma-separated (`eth0,lo`) [default:
+    /// the default-route interface, else the first up non-loopback one]
+    #[arg(short, long, value_name = "NAME[,NAME...]", value_parser = parse_interfaces)]
+    interface: Option<InterfaceList>,
 
     /// Address the API listens on [default: all addresses, IPv6 and IPv4]
     #[arg(long, value_name = "ADDR", value_parser = parse_bind)]
@@ -139,6 +139,10 @@ struct Cli {
     quiet: bool,
 }
 
+/// The interfaces asked for, in order, each named once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct InterfaceList(Vec<String>);
+
 /// How much of each packet a sample carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CaptureBytes {
@@ -159,8 +163,8 @@ pub struct Filter {
 /// Everything the agent was asked to do, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// None: choose one at start (see `interface::resolve`).
-    pub interface: Option<String>,
+    /// Empty: choose one at start (see `interface::resolve_all`).
+    pub interfaces: Vec<String>,
     /// None: all addresses (IPv6 and IPv4 where the host has IPv6).
     pub bind: Option<IpAddr>,
     pub api_token: Option<String>,
@@ -194,7 +198,10 @@ impl Config {
 /// Flags over file over defaults.
 fn merge(flags: Cli, file: Cli) -> Config {
     Config {
-        interface: flags.interface.or(file.interface),
+        interfaces: flags
+            .interface
+            .or(file.interface)
+            .map_or(Vec::new(), |l| l.0),
         bind: flags.bind.or(file.bind),
         api_token: flags.api_token.or(file.api_token),
         max_db_size: match flags.max_db_size.or(file.max_db_size) {
@@ -300,7 +307,7 @@ fn parse_yaml(text: &str) -> anyhow::Result<Cli> {
             continue;
         }
         match key.as_str() {
-            "interface" => cli.interface = Some(text_value(&key, &value)?),
+            "interface" => cli.interface = Some(interfaces_value(&key, &value)?),
             "bind" => {
                 let text = text_value(&key, &value)?;
                 cli.bind = Some(parse_bind(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))?);
@@ -405,6 +412,19 @@ fn text_value(key: &str, value: &Value) -> anyhow::Result<String> {
     }
 }
 
+/// `eth0`, `"eth0,lo"` or a list `[eth0, lo]`.
+fn interfaces_value(key: &str, value: &Value) -> anyhow::Result<InterfaceList> {
+    let text = match value {
+        Value::Sequence(items) => items
+            .iter()
+            .map(|item| text_value(key, item))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .join(","),
+        _ => text_value(key, value)?,
+    };
+    parse_interfaces(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))
+}
+
 fn port_value(key: &str, value: &Value) -> anyhow::Result<u16> {
     match value.as_u64() {
         Some(n) if (1..=65535).contains(&n) => Ok(n as u16),
@@ -465,6 +485,22 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
     }
 }
 
+/// Comma-separated interface names: none empty, none twice (it would be
+/// attached, and its traffic counted, twice).
+fn parse_interfaces(text: &str) -> Result<InterfaceList, String> {
+    let mut names: Vec<String> = Vec::new();
+    for name in text.split(',').map(str::trim) {
+        if name.is_empty() {
+            return Err(format!("{text:?} has an empty interface name"));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(format!("interface {name:?} is listed twice in {text:?}"));
+        }
+        names.push(name.to_owned());
+    }
+    Ok(InterfaceList(names))
+}
+
 /// A database file path: not SQLite's special names, which would give each
 /// connection its own private database.
 fn parse_db_path(text: &str) -> Result<PathBuf, String> {
@@ -506,12 +542,18 @@ pub fn parse_protocol(text: &str) -> Result<u8, String> {
         "udp" => 17,
         "icmpv6" => 58,
         "sctp" => 132,
-        other => other.parse::<u8>().map_err(|_| {
-            format!(
-                "{text:?} is not a protocol: use TCP, UDP, ICMP, ICMPv6, SCTP or a number \
-                 from 0 to 255"
-            )
-        })?,
+        // Digits only: `u8::from_str` would also take a sign ("+6").
+        other => other
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| other.parse::<u8>().ok())
+            .flatten()
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} is not a protocol: use TCP, UDP, ICMP, ICMPv6, SCTP or a number \
+                     from 0 to 255"
+                )
+            })?,
     };
     Ok(number)
 }
@@ -533,7 +575,7 @@ mod tests {
         )
         .unwrap();
         let c = merge(Cli::default(), file);
-        assert_eq!(c.interface.as_deref(), Some("eth0"));
+        assert_eq!(c.interfaces, ["eth0"]);
         assert_eq!(c.db_path, PathBuf::from("/data/traffic.db"));
         assert_eq!(c.filter.port, Some(80));
         assert_eq!(c.filter.ip, Some("10.0.0.5".parse().unwrap()));
@@ -623,12 +665,42 @@ mod tests {
     }
 
     #[test]
+    fn interfaces_as_a_comma_list_or_a_yaml_list() {
+        let flags = parse(&["-i", "eth0,lo"]).unwrap();
+        assert_eq!(merge(flags, Cli::default()).interfaces, ["eth0", "lo"]);
+        for yaml in ["interface: [eth0, lo]\n", "interface: \"eth0, lo\"\n"] {
+            let c = merge(Cli::default(), parse_yaml(yaml).unwrap());
+            assert_eq!(c.interfaces, ["eth0", "lo"], "{yaml}");
+        }
+        assert!(merge(Cli::default(), Cli::default()).interfaces.is_empty());
+        for (yaml, words) in [
+            (
+                "interface: [eth0, eth0]",
+                &["interface", "\"eth0\" is listed twice"][..],
+            ),
+            ("interface: \"eth0,,lo\"", &["interface", "empty"]),
+            ("interface: [eth0, 7]", &["interface", "number 7"]),
+        ] {
+            let err = format!("{:#}", parse_yaml(yaml).unwrap_err());
+            for w in words {
+                assert!(err.contains(w), "{yaml:?}: {err:?} lacks {w:?}");
+            }
+        }
+        let err = parse(&["-i", "lo,vb,lo"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--interface") && err.contains("\"lo\" is listed twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn protocols_by_name_in_any_case_or_number() {
         assert_eq!(parse_protocol("tcp"), Ok(6));
         assert_eq!(parse_protocol("ICMPv6"), Ok(58));
         assert_eq!(parse_protocol("Sctp"), Ok(132));
         assert_eq!(parse_protocol("47"), Ok(47));
         assert!(parse_protocol("ipx").is_err());
+        assert!(parse_protocol("+6").is_err());
     }
 
     #[test]

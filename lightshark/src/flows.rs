@@ -16,11 +16,16 @@ use std::os::fd::AsFd as _;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use lightshark_common::{
-    protocol_class, protocol_slot, Counter, FlowKey, FlowStats, Totals, PROTOCOL_CLASSES,
-    PROTOCOL_SLOTS,
+    protocol_class, protocol_slot, Counter, FlowKey, FlowStats, Totals, FLOW_OPENED_BY_SYN,
+    PROTOCOL_CLASSES, PROTOCOL_SLOTS,
 };
 
-use crate::clock::WallClock;
+use crate::{
+    clock::WallClock,
+    connections::{self, Connection},
+    flow_rates::FlowRates,
+    interface::Interface,
+};
 
 /// How often the kernel's counters are read; the API's numbers lag the
 /// kernel by at most this much.
@@ -36,6 +41,11 @@ pub struct Flow {
     pub bytes: u64,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+    /// Current rates (see `flow_rates`).
+    pub packets_per_second: f64,
+    pub bytes_per_second: f64,
+    /// The first packet the kernel saw of it was a TCP SYN without ACK.
+    pub opened_by_syn: bool,
 }
 
 /// Everything the kernel had counted at one poll.
@@ -49,17 +59,40 @@ pub struct Snapshot {
     pub nonip: Vec<(u16, Counter)>,
     /// All flows in the kernel map, most packets first.
     pub flows: Vec<Flow>,
+    /// The same flows paired into two-way connections, most packets first.
+    pub connections: Vec<Connection>,
     pub packets_per_second: f64,
     pub bytes_per_second: f64,
 }
 
 /// The latest snapshot, swapped whole at each poll.
-#[derive(Default)]
 pub struct LiveState {
     current: RwLock<Arc<Snapshot>>,
+    /// (index, name) of each watched interface.
+    interfaces: Vec<(u32, String)>,
 }
 
 impl LiveState {
+    /// An empty state for flows seen on `interfaces`.
+    pub fn new(interfaces: &[Interface]) -> LiveState {
+        LiveState {
+            current: RwLock::default(),
+            interfaces: interfaces
+                .iter()
+                .map(|i| (i.index, i.name.clone()))
+                .collect(),
+        }
+    }
+
+    /// The name of the watched interface with this index (a flow key's
+    /// `ifindex`).
+    pub fn interface_name(&self, ifindex: u32) -> &str {
+        self.interfaces
+            .iter()
+            .find(|(i, _)| *i == ifindex)
+            .map_or("", |(_, name)| name.as_str())
+    }
+
     /// The snapshot of the latest poll.
     pub fn get(&self) -> Arc<Snapshot> {
         self.current
@@ -94,15 +127,16 @@ impl Poller {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
         let mut rates = Rates::new();
+        let mut flow_rates = FlowRates::default();
         let timeout_ns = timeout.as_nanos() as u64;
-        live.set(read(&mut maps, &mut rates, timeout_ns));
+        live.set(read(&mut maps, &mut rates, &mut flow_rates, timeout_ns));
         let thread = thread::Builder::new()
             .name("flow-poller".into())
             .spawn(move || {
                 crate::priority::background();
                 while !stop_flag.load(Ordering::Relaxed) {
                     thread::park_timeout(POLL_INTERVAL);
-                    live.set(read(&mut maps, &mut rates, timeout_ns));
+                    live.set(read(&mut maps, &mut rates, &mut flow_rates, timeout_ns));
                 }
             })
             .expect("spawning the flow poller thread");
@@ -117,7 +151,12 @@ impl Poller {
     }
 }
 
-fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
+fn read(
+    maps: &mut FlowMaps,
+    rates: &mut Rates,
+    flow_rates: &mut FlowRates,
+    timeout_ns: u64,
+) -> Snapshot {
     let clock = WallClock::now();
     let now_ns = WallClock::kernel_now_ns();
     let idle = |s: &FlowStats| now_ns.saturating_sub(s.last_seen_ns) >= timeout_ns;
@@ -151,6 +190,9 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
             bytes: s.bytes,
             first_seen_ms: clock.unix_ms(s.first_seen_ns),
             last_seen_ms: clock.unix_ms(s.last_seen_ns),
+            packets_per_second: 0.0,
+            bytes_per_second: 0.0,
+            opened_by_syn: s.flags & FLOW_OPENED_BY_SYN != 0,
         })
         .collect();
     for key in stale {
@@ -161,12 +203,15 @@ fn read(maps: &mut FlowMaps, rates: &mut Rates, timeout_ns: u64) -> Snapshot {
         }
     }
     flows.sort_by(|a, b| b.packets.cmp(&a.packets).then(b.bytes.cmp(&a.bytes)));
+    flow_rates.update(now_ns, clock.unix_ms(now_ns), &mut flows);
+    let connections = connections::group(&flows, |key| flow_rates.position(key));
     let (packets_per_second, bytes_per_second) = rates.update(totals.packets, totals.bytes);
     Snapshot {
         totals,
         by_class,
         nonip,
         flows,
+        connections,
         packets_per_second,
         bytes_per_second,
     }

@@ -24,6 +24,9 @@ pub struct Interface {
     pub name: String,
     pub index: u32,
     pub kind: LinkKind,
+    /// Loopback: every packet passes both its hooks (it leaves and enters
+    /// the same device), so only one is attached.
+    pub loopback: bool,
 }
 
 const ARPHRD_ETHER: u16 = 1;
@@ -37,30 +40,41 @@ const ARPHRD_SIT: u16 = 776;
 const ARPHRD_IPGRE: u16 = 778;
 const ARPHRD_NONE: u16 = 0xfffe;
 
-/// Resolves the requested interface, or picks one: the default-route
-/// interface, else the first up non-loopback one. Says which it picked.
-pub fn resolve(requested: Option<&str>) -> anyhow::Result<Interface> {
+/// Resolves the requested interfaces (each must exist), or with none
+/// requested picks one: the default-route interface, else the first up
+/// non-loopback one. Says which it picked.
+pub fn resolve_all(requested: &[String]) -> anyhow::Result<Vec<Interface>> {
     let all = list()?;
+    if requested.is_empty() {
+        return Ok(vec![resolve(&all, None)?]);
+    }
+    requested
+        .iter()
+        .map(|name| resolve(&all, Some(name)))
+        .collect()
+}
+
+fn resolve(all: &[(u32, String)], requested: Option<&str>) -> anyhow::Result<Interface> {
     let name = match requested {
         Some(name) => {
             if !all.iter().any(|(_, n)| n == name) {
                 bail!(
                     "interface {name:?} does not exist in this network namespace; \
                      the interfaces here are: {}",
-                    names(&all)
+                    names(all)
                 );
             }
             name.to_owned()
         }
         None => {
             let name = default_route_interface()
-                .or_else(|| first_up_non_loopback(&all))
+                .or_else(|| first_up_non_loopback(all))
                 .with_context(|| {
                     format!(
                         "no interface given and none to choose (no default route and no \
                          interface that is up besides loopback); the interfaces here are: {}; \
                          pick one with --interface",
-                        names(&all)
+                        names(all)
                     )
                 })?;
             log::info!("no --interface given; watching {name}");
@@ -72,7 +86,8 @@ pub fn resolve(requested: Option<&str>) -> anyhow::Result<Interface> {
         .find(|(_, n)| *n == name)
         .map(|(i, _)| *i)
         .unwrap_or(0);
-    let kind = match link_type(&name)? {
+    let link_type = link_type(&name)?;
+    let kind = match link_type {
         ARPHRD_ETHER | ARPHRD_IEEE802 | ARPHRD_LOOPBACK => LinkKind::Ethernet,
         ARPHRD_NONE | ARPHRD_PPP | ARPHRD_RAWIP | ARPHRD_TUNNEL | ARPHRD_TUNNEL6 | ARPHRD_SIT
         | ARPHRD_IPGRE => LinkKind::RawIp,
@@ -81,7 +96,12 @@ pub fn resolve(requested: Option<&str>) -> anyhow::Result<Interface> {
             LinkKind::Ethernet
         }
     };
-    Ok(Interface { name, index, kind })
+    Ok(Interface {
+        name,
+        index,
+        kind,
+        loopback: link_type == ARPHRD_LOOPBACK,
+    })
 }
 
 /// Whether the interface still exists with the same name and index (a

@@ -431,13 +431,32 @@ impl Agent {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<(u16, Value)> {
-        let (status, _, body) = self.request_bytes(ns, method, path, headers, "content-type")?;
+        assert_eq!(ns.name, self.ns_name, "the agent runs in another namespace");
+        self.request_at(ns, "127.0.0.1", method, path, headers)
+    }
+
+    /// GET `path` from inside `ns` at `host`, an address of the agent's
+    /// namespace that `ns` reaches: for a test whose API requests must not
+    /// cross the interfaces it counts.
+    pub fn get_via(&self, ns: &Netns, host: &str, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.request_at(ns, host, "GET", path, &[])
+    }
+
+    fn request_at(
+        &self,
+        ns: &Netns,
+        host: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, Value)> {
+        let (status, _, body) = self.bytes_at(ns, host, method, path, headers, "content-type")?;
         let json = if body.is_empty() {
             Value::Null
         } else {
             serde_json::from_slice(&body).with_context(|| {
                 format!(
-                    "{path} answered non-JSON: {}",
+                    "{host}{path} answered non-JSON: {}",
                     String::from_utf8_lossy(&body)
                 )
             })?
@@ -467,7 +486,19 @@ impl Agent {
         header: &str,
     ) -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
         assert_eq!(ns.name, self.ns_name, "the agent runs in another namespace");
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        self.bytes_at(ns, "127.0.0.1", method, path, headers, header)
+    }
+
+    fn bytes_at(
+        &self,
+        ns: &Netns,
+        host: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        header: &str,
+    ) -> anyhow::Result<(u16, Option<String>, Vec<u8>)> {
+        let url = format!("http://{host}:{}{path}", self.port);
         let http = self.http.clone();
         let mut req = ureq::http::Request::builder().method(method).uri(&url);
         for (k, v) in headers {
@@ -580,6 +611,19 @@ pub fn udp_burst(
 ) -> anyhow::Result<usize> {
     let dst_addr: SocketAddr = SocketAddr::new(dst.parse()?, port);
     let src_addr: SocketAddr = SocketAddr::new(src.parse()?, 0);
+    udp_burst_between(from, to, src_addr, dst_addr, count, payload)
+}
+
+/// [`udp_burst`] from a given source port (0: any), so that two bursts can
+/// make the two directions of one UDP conversation.
+pub fn udp_burst_between(
+    from: &Netns,
+    to: &Netns,
+    src_addr: SocketAddr,
+    dst_addr: SocketAddr,
+    count: usize,
+    payload: usize,
+) -> anyhow::Result<usize> {
     let receiver = to.enter(|| UdpSocket::bind(dst_addr))??;
     receiver.set_read_timeout(Some(Duration::from_millis(500)))?;
     let sender = from.enter(|| UdpSocket::bind(src_addr))??;
@@ -906,8 +950,26 @@ pub fn udp_steady(
     rate: u32,
     duration: Duration,
 ) -> anyhow::Result<u64> {
-    let sock = from.enter(|| UdpSocket::bind(SocketAddr::new(src.parse().unwrap(), 0)))??;
-    let dst = SocketAddr::new(dst.parse()?, port);
+    let src = SocketAddr::new(src.parse()?, 0);
+    udp_steady_between(
+        from,
+        src,
+        SocketAddr::new(dst.parse()?, port),
+        rate,
+        duration,
+    )
+}
+
+/// [`udp_steady`] from a given source port (0: any), so that two senders
+/// can make the two directions of one UDP conversation.
+pub fn udp_steady_between(
+    from: &Netns,
+    src: SocketAddr,
+    dst: SocketAddr,
+    rate: u32,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    let sock = from.enter(|| UdpSocket::bind(src))??;
     let start = Instant::now();
     let mut sent = 0u64;
     let payload = [0x11u8; 64];

