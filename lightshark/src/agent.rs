@@ -13,13 +13,13 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, ApiState},
-    caps,
+    api, caps,
     capture::Capture,
     config::Config,
     flows::{FlowMaps, LiveState, Poller},
     interface,
     samples::{Reader, ReaderStats},
+    state::ApiState,
     store::{SampleStore, Writer, WriterSetup, WriterStats},
     stream::Feed,
 };

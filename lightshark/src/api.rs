@@ -5,7 +5,7 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use http_body_util::Full;
@@ -14,21 +14,19 @@ use hyper::{
     header, Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     clock::WallClock,
     dashboard,
-    flows::LiveState,
     history::{self, TopBy},
     ledger::Tally,
     live_view, metrics, openapi,
     params::{query_pairs, Params},
-    samples::ReaderStats,
-    store::{SampleStore, WriterStats},
-    stream::{self, Feed, NotWebSocket},
+    reply::{bad_request, error, json_bytes, json_reply, Handled, Reply},
+    state::ApiState,
+    stream::{self, NotWebSocket},
     wire,
 };
 
@@ -51,23 +49,6 @@ const SELECTION: &[&str] = &[
 const MAX_CONNECTIONS: usize = 1024;
 /// How often `/api/stream` pushes the stats.
 const STREAM_PERIOD: Duration = Duration::from_secs(1);
-
-/// What the handlers read.
-pub struct ApiState {
-    pub live: Arc<LiveState>,
-    pub store: Arc<SampleStore>,
-    pub reader: Arc<ReaderStats>,
-    pub writer: Arc<WriterStats>,
-    pub started: Instant,
-    /// Where `/api/stream` clients get their messages.
-    pub feed: Feed,
-    /// The default `/api/live` bodies and the snapshots they were written from.
-    pub live_cache: live_view::LiveCache,
-    /// `--api-token`: when set, every endpoint but /api/health wants it.
-    pub token: Option<String>,
-    /// `--flow-map-size`: the flows the kernel map can hold.
-    pub flow_map_capacity: u32,
-}
 
 /// Listens on `bind`, or on all addresses: IPv6 and IPv4 together where the
 /// host has IPv6 (the usual pod), IPv4 alone where it has not.
@@ -113,8 +94,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     // Only the length can differ in time, and it is not the secret.
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
-
-type Reply = Response<Full<Bytes>>;
 
 /// Serves connections from `listener` until `shutdown` turns true.
 pub async fn serve(
@@ -225,7 +204,7 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
     }
     let result = match path.as_str() {
         "/api/health" => no_query(&path, &query).map(|()| json_bytes(&health(state))),
-        "/api/live" => live_view::answer(state, &path, &query),
+        "/api/live" => live_view::answer(&state.live, &state.live_cache, &path, &query),
         "/api/stats" => no_query(&path, &query).map(|()| json_bytes(&stats(state))),
         "/api/history" => history(state, &path, &query).await,
         "/api/history.pcap" => return history_pcap(state, &path, &query).await,
@@ -251,14 +230,6 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Reply {
         Ok(body) => json_reply(StatusCode::OK, body),
         Err((status, message)) => error(status, message),
     }
-}
-
-/// A handler's answer: a JSON body, or a status and an error message.
-pub(crate) type Handled = Result<Bytes, (StatusCode, String)>;
-
-/// A 400 with `message`.
-pub(crate) fn bad_request(message: String) -> (StatusCode, String) {
-    (StatusCode::BAD_REQUEST, message)
 }
 
 fn no_query(path: &str, query: &str) -> Result<(), (StatusCode, String)> {
@@ -442,26 +413,6 @@ async fn read<T: Send + 'static>(
         .await
         .map_err(|e| failed(e.to_string()))?
         .map_err(|e| failed(format!("{e:#}")))
-}
-
-/// `value` as JSON.
-pub(crate) fn json_bytes(value: &impl Serialize) -> Bytes {
-    // Serializing plain data (no maps with non-string keys) cannot fail.
-    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
-}
-
-fn json_reply(status: StatusCode, body: Bytes) -> Reply {
-    let mut reply = Response::new(Full::new(body));
-    *reply.status_mut() = status;
-    reply.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    reply
-}
-
-fn error(status: StatusCode, message: String) -> Reply {
-    json_reply(status, json_bytes(&json!({ "error": message })))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::cmp::Ordering;
 
 use lightshark_common::FlowKey;
 
-use crate::flows::Flow;
+use crate::flow::Flow;
 
 /// How a connection's client and server were told apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use lightshark_common::FlowKey;
 
-use crate::flows::Flow;
+use crate::flow::Flow;
 
 /// Polls a rate spans: five polls of one second, the same window as the
 /// totals' rates.

@@ -23,6 +23,7 @@ use lightshark_common::{
 use crate::{
     clock::WallClock,
     connections::{self, Connection},
+    flow::Flow,
     flow_rates::FlowRates,
     interface::Interface,
 };
@@ -32,21 +33,6 @@ use crate::{
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Window of the packets and bytes per second rates.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
-
-/// One directional flow as last read from the kernel.
-#[derive(Clone, Debug)]
-pub struct Flow {
-    pub key: FlowKey,
-    pub packets: u64,
-    pub bytes: u64,
-    pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
-    /// Current rates (see `flow_rates`).
-    pub packets_per_second: f64,
-    pub bytes_per_second: f64,
-    /// The first packet the kernel saw of it was a TCP SYN without ACK.
-    pub opened_by_syn: bool,
-}
 
 /// Everything the kernel had counted at one poll.
 #[derive(Clone, Debug, Default)]

@@ -8,10 +8,11 @@ use hyper::body::Bytes;
 use serde::Serialize;
 
 use crate::{
-    api::{bad_request, json_bytes, ApiState, Handled},
     connections::Connection,
-    flows::{Flow, LiveState, Snapshot},
+    flow::Flow,
+    flows::{LiveState, Snapshot},
     params::Params,
+    reply::{bad_request, json_bytes, Handled},
     wire,
 };
 
@@ -56,24 +57,24 @@ type Cached = (Weak<Snapshot>, Bytes);
 /// Answers `/api/live?query`. At the default limit each view is written
 /// once per snapshot and then served as is, since dashboards and probes
 /// poll it far more often than the snapshot changes.
-pub fn answer(state: &ApiState, path: &str, query: &str) -> Handled {
+pub fn answer(live: &LiveState, cache: &LiveCache, path: &str, query: &str) -> Handled {
     let (limit, view) = params(path, query).map_err(bad_request)?;
-    let snap = state.live.get();
+    let snap = live.get();
     let render = || match view {
-        View::Flows => flows(&state.live, &snap, limit),
-        View::Connections => connections(&state.live, &snap, limit),
+        View::Flows => flows(live, &snap, limit),
+        View::Connections => connections(live, &snap, limit),
     };
     if limit != LIVE_DEFAULT {
         return Ok(render());
     }
-    let cache = || state.live_cache.0.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((cached, body)) = &cache()[view as usize] {
+    let cached = || cache.0.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((cached, body)) = &cached()[view as usize] {
         if std::ptr::eq(cached.as_ptr(), Arc::as_ptr(&snap)) {
             return Ok(body.clone());
         }
     }
     let body = render();
-    cache()[view as usize] = Some((Arc::downgrade(&snap), body.clone()));
+    cached()[view as usize] = Some((Arc::downgrade(&snap), body.clone()));
     Ok(body)
 }
 

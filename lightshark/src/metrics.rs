@@ -17,7 +17,7 @@ use http_body_util::Full;
 use hyper::{body::Bytes, header, Response};
 use lightshark_common::{Counter, PROTOCOL_CLASS_NAMES};
 
-use crate::{api::ApiState, wire};
+use crate::{state::ApiState, wire};
 
 /// The exposition format's media type, as Prometheus asks for it.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
