@@ -238,7 +238,7 @@ pub enum TopBy {
 
 /// One `/api/top` entry: an address or port with what it sent and
 /// received, or a directional connection with what it carried.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct TopEntry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
@@ -321,7 +321,7 @@ pub fn top(
                     protocol: Some(wire::protocol_name(r.get(0)?)),
                     packets: r.get(5)?,
                     bytes: r.get(6)?,
-                    ..TopEntry::empty()
+                    ..TopEntry::default()
                 }
             }
             _ => {
@@ -340,29 +340,12 @@ pub fn top(
                     bytes_sent: Some(bs),
                     packets_received: Some(pr),
                     bytes_received: Some(br),
-                    ..TopEntry::empty()
+                    ..TopEntry::default()
                 }
             }
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
-}
-
-impl TopEntry {
-    fn empty() -> TopEntry {
-        TopEntry {
-            ip: None,
-            port: None,
-            connection: None,
-            protocol: None,
-            packets: 0,
-            bytes: 0,
-            packets_sent: None,
-            bytes_sent: None,
-            packets_received: None,
-            bytes_received: None,
-        }
-    }
 }
 
 fn ip_of(bytes: &[u8]) -> Option<IpAddr> {

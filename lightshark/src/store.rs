@@ -160,6 +160,15 @@ const V1_COLUMNS: [&str; 11] = [
     "ifindex",
 ];
 
+/// The chunk index (see `chunks`), made by a fresh database and by the
+/// migration from version 1.
+const CHUNKS_TABLE: &str = "CREATE TABLE IF NOT EXISTS chunks (
+    chunk  INTEGER PRIMARY KEY,
+    min_ts INTEGER NOT NULL,
+    max_ts INTEGER NOT NULL,
+    bloom  BLOB    NOT NULL
+);";
+
 fn init_schema(conn: &Connection) -> anyhow::Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -199,9 +208,9 @@ fn init_schema(conn: &Connection) -> anyhow::Result<()> {
          PRAGMA journal_size_limit = 67108864;",
     )?;
     if columns.is_empty() {
-        conn.execute_batch(
-            "BEGIN;
-             CREATE TABLE samples (
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(
+            "CREATE TABLE samples (
                  id        INTEGER PRIMARY KEY,
                  ts_ms     INTEGER NOT NULL,
                  src_ip    BLOB    NOT NULL,
@@ -214,15 +223,10 @@ fn init_schema(conn: &Connection) -> anyhow::Result<()> {
                  direction INTEGER NOT NULL,
                  ifindex   INTEGER NOT NULL,
                  header    BLOB
-             );
-             CREATE TABLE chunks (
-                 chunk  INTEGER PRIMARY KEY,
-                 min_ts INTEGER NOT NULL,
-                 max_ts INTEGER NOT NULL,
-                 bloom  BLOB    NOT NULL
-             );
-             COMMIT;",
+             );",
         )?;
+        tx.execute_batch(CHUNKS_TABLE)?;
+        tx.commit()?;
     } else if version < 2 {
         migrate_v1_to_v2(conn).context("migrating the history from schema version 1 to 2")?;
     }
@@ -239,15 +243,10 @@ fn migrate_v1_to_v2(conn: &Connection) -> anyhow::Result<()> {
     let tx = conn.unchecked_transaction()?;
     tx.execute_batch(
         "ALTER TABLE samples ADD COLUMN header BLOB;
-         CREATE TABLE IF NOT EXISTS chunks (
-             chunk  INTEGER PRIMARY KEY,
-             min_ts INTEGER NOT NULL,
-             max_ts INTEGER NOT NULL,
-             bloom  BLOB    NOT NULL
-         );
-         DELETE FROM chunks;
          DROP INDEX IF EXISTS samples_ts;",
     )?;
+    tx.execute_batch(CHUNKS_TABLE)?;
+    tx.execute_batch("DELETE FROM chunks;")?;
     let mut rows = 0u64;
     {
         let mut stmt = tx.prepare(
