@@ -31,6 +31,10 @@ fn benchmark_runs_end_to_end_on_a_tiny_size() -> anyhow::Result<()> {
         );
     }
     ensure!(
+        report.matches("`perf record -a -g").count() == 2,
+        "no profile of the TCP and small-packet runs:\n{report}"
+    );
+    ensure!(
         report.matches("| none |").count() == 2,
         "no baseline rows:\n{report}"
     );

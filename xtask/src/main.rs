@@ -53,7 +53,8 @@ enum Task {
 
 /// Debian packages of the eBPF build: bpf-linker links against LLVM 22.
 const TOOLCHAIN_PACKAGES: &[&str] = &["llvm-22-dev"];
-/// Debian packages the tests drive: traffic, captures, dissection, links.
+/// Debian packages the tests drive: traffic, captures, dissection, links;
+/// perf for the benchmark's profiles.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -66,6 +67,7 @@ const TEST_PACKAGES: &[&str] = &[
     "libcap2-bin",
     "wrk",
     "chromium",
+    "linux-perf",
 ];
 /// PyPI packages the deployment checks run: Dockerfile lint, Kubernetes
 /// schemas, and the Compose schema check; schemathesis and the OpenAPI
