@@ -35,6 +35,13 @@ fn benchmark_runs_end_to_end_on_a_tiny_size() -> anyhow::Result<()> {
         "no profile of the TCP and small-packet runs:\n{report}"
     );
     ensure!(
+        report
+            .matches("| LightShark sampling (`lightshark-mini -i vb --sample-rate 100`) |")
+            .count()
+            == 2,
+        "no sampling rows:\n{report}"
+    );
+    ensure!(
         report.matches("| none |").count() == 2,
         "no baseline rows:\n{report}"
     );

@@ -141,6 +141,11 @@ pub struct Snap {
 /// Name of the global that holds the [`Snap`] in the kernel object.
 pub const GLOBAL_SNAP: &str = "SNAP";
 
+/// Name of the `u32` global that holds `--sample-rate` N in the kernel
+/// object: each IP packet is sampled with probability 1/N (0 and 1 sample
+/// every packet).
+pub const GLOBAL_SAMPLE_RATE: &str = "SAMPLE_RATE";
+
 /// Totals kept per CPU in a one-entry array, apart from the flow map, so that
 /// deleting or failing to create a flow entry never loses a count.
 ///
@@ -171,6 +176,12 @@ pub struct Totals {
     pub flow_map_full: u64,
     /// Frames a filter left out; they are in no other counter.
     pub filtered_out: u64,
+    /// Kernel packets of IP flows that `--sample-rate` chose not to sample,
+    /// and the segments they stand for: with `samples` and
+    /// `sample_segments` they add up to every IP packet counted. They are
+    /// in every other total and flow counter.
+    pub sampled_out: u64,
+    pub sampled_out_segments: u64,
     /// Not a counter: where the kernel program parks a packet's protocol
     /// number before using it as a [`MAP_PROTOCOLS`] key, so that the
     /// verifier does not tie the key to the parsing paths (it would walk
@@ -285,7 +296,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 44);
         assert_eq!(size_of::<FlowStats>(), 40);
         assert_eq!(size_of::<Sample>(), 64);
-        assert_eq!(size_of::<Totals>(), 15 * 8);
+        assert_eq!(size_of::<Totals>(), 17 * 8);
         assert_eq!(size_of::<Filter>(), 24);
         assert_eq!(size_of::<Snap>(), 8);
         assert_eq!(size_of::<Captured<128>>(), 64 + 128);

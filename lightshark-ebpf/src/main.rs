@@ -18,7 +18,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
@@ -59,6 +59,11 @@ static SNAP: Snap = Snap {
     max_bytes: 0,
     headers_only: 0,
 };
+
+/// Set by the agent at load time like [`FILTER`]: sample each IP packet with
+/// probability 1/N; 0 and 1 sample every one.
+#[unsafe(no_mangle)]
+static SAMPLE_RATE: u32 = 0;
 
 /// The smaller record size for captured bytes; anything longer takes a
 /// [`MAX_CAPTURE`] record. Most header stacks (Ethernet, IP, TCP with
@@ -208,6 +213,14 @@ fn observe<const ETHERNET: bool>(ctx: &TcContext, direction: u8) {
             let now = unsafe { bpf_ktime_get_ns() };
             if !count_flow(&key, segs, wire, now, syn_only) {
                 totals.flow_map_full += segs;
+            }
+            // Random, not every Nth: a fixed stride would lock onto traffic
+            // with a period (request, reply, ack) and sample one kind only.
+            let rate = unsafe { core::ptr::read_volatile(&raw const SAMPLE_RATE) };
+            if rate > 1 && unsafe { bpf_get_prandom_u32() } % rate != 0 {
+                totals.sampled_out += 1;
+                totals.sampled_out_segments += segs;
+                return;
             }
             totals.samples += 1;
             totals.sample_segments += segs;

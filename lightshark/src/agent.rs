@@ -84,6 +84,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         live_cache: Default::default(),
         token: config.api_token.clone(),
         flow_map_capacity: config.flow_map_size,
+        sample_rate: config.sample_rate,
     });
     log::info!(
         "API on http://{addr}: /api/health /api/live /api/stats /api/history /api/stream /metrics{}",

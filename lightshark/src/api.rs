@@ -294,23 +294,35 @@ fn stats(state: &ApiState) -> Value {
             "size_cap": state.writer.deleted_by_size_cap.load(Ordering::Relaxed),
         },
         "filtered_out_packets": t.filtered_out,
-        "samples": ledger(state, Tally::samples, t.samples, t.ringbuf_drops),
+        "sample_rate": state.sample_rate,
+        "samples": ledger(
+            state,
+            Tally::samples,
+            [t.samples, t.sampled_out, t.ringbuf_drops]
+        ),
         // The same ledger in wire segments: a GSO packet is one sample of
         // several segments, and packet counters count segments.
         "sample_segments": ledger(
             state,
             Tally::segments,
-            t.sample_segments,
-            t.ringbuf_drop_segments
+            [
+                t.sample_segments,
+                t.sampled_out_segments,
+                t.ringbuf_drop_segments
+            ]
         ),
     })
 }
 
-/// Where the samples the kernel emitted are now, counted by `unit`.
-fn ledger(state: &ApiState, unit: fn(&Tally) -> u64, emitted: u64, ring_full: u64) -> Value {
+/// Where the samples the kernel emitted are now, counted by `unit`, beside
+/// the IP packets `--sample-rate` left without one. `kernel` is what the
+/// kernel counted: emitted, sampled out, and dropped for a full ring.
+fn ledger(state: &ApiState, unit: fn(&Tally) -> u64, kernel: [u64; 3]) -> Value {
     let (r, w) = (&state.reader, &state.writer);
+    let [emitted, sampled_out, ring_full] = kernel;
     json!({
         "emitted": emitted,
+        "sampled_out": sampled_out,
         "stored": unit(&w.stored),
         "pending": unit(&r.queued) + unit(&w.in_flight),
         "dropped": {

@@ -21,9 +21,9 @@ use aya::{
 };
 use lightshark_common::{
     Counter, Filter, FlowKey, FlowStats, Snap, Totals, FAMILY_IPV4, FAMILY_IPV6, FILTER_ADDR,
-    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, GLOBAL_SNAP, MAP_FLOWS, MAP_NONIP, MAP_PROTOCOLS,
-    MAP_SAMPLES, MAP_TOTALS, MAX_CAPTURE, NONIP_OTHER, PROG_ETH_EGRESS, PROG_ETH_INGRESS,
-    PROG_RAW_EGRESS, PROG_RAW_INGRESS,
+    FILTER_PORT, FILTER_PROTOCOL, GLOBAL_FILTER, GLOBAL_SAMPLE_RATE, GLOBAL_SNAP, MAP_FLOWS,
+    MAP_NONIP, MAP_PROTOCOLS, MAP_SAMPLES, MAP_TOTALS, MAX_CAPTURE, NONIP_OTHER, PROG_ETH_EGRESS,
+    PROG_ETH_INGRESS, PROG_RAW_EGRESS, PROG_RAW_INGRESS,
 };
 
 use crate::{
@@ -89,6 +89,7 @@ impl Capture {
         let ebpf = EbpfLoader::new()
             .override_global(GLOBAL_FILTER, &filter, true)
             .override_global(GLOBAL_SNAP, &snap, true)
+            .override_global(GLOBAL_SAMPLE_RATE, &config.sample_rate, true)
             .map_max_entries(MAP_FLOWS, config.flow_map_size)
             .map_max_entries(MAP_SAMPLES, config.ring_buffer_size)
             .load(OBJECT)

@@ -46,6 +46,7 @@ with underscores; a flag given on the command line wins over the file:
   ring_buffer_size: 8388608
   flow_map_size: 131072
   capture_bytes: headers
+  sample_rate: 1
   quiet: true";
 
 /// LightShark-mini: counts a network interface's traffic per 5-tuple in the
@@ -130,6 +131,12 @@ struct Cli {
     #[arg(long, value_name = "headers|N", value_parser = parse_capture)]
     capture_bytes: Option<CaptureBytes>,
 
+    /// Keep a sample of about 1 in N packets, chosen at random, for rates
+    /// beyond what storage holds; counters and totals stay exact
+    /// [default: 1, every packet]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_SAMPLE_RATE as i64))]
+    sample_rate: Option<u32>,
+
     /// YAML config file with the same settings (see below)
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -179,6 +186,8 @@ pub struct Config {
     pub ring_buffer_size: u32,
     pub flow_map_size: u32,
     pub capture_bytes: CaptureBytes,
+    /// 1 keeps a sample of every packet.
+    pub sample_rate: u32,
     pub quiet: bool,
 }
 
@@ -245,6 +254,7 @@ fn merge(flags: Cli, file: Cli) -> Config {
             .capture_bytes
             .or(file.capture_bytes)
             .unwrap_or(CaptureBytes::Headers),
+        sample_rate: flags.sample_rate.or(file.sample_rate).unwrap_or(1),
         quiet: flags.quiet || file.quiet,
     }
 }
@@ -266,6 +276,7 @@ const KEYS: &[&str] = &[
     "ring_buffer_size",
     "flow_map_size",
     "capture_bytes",
+    "sample_rate",
     "quiet",
 ];
 
@@ -379,6 +390,13 @@ fn parse_yaml(text: &str) -> anyhow::Result<Cli> {
                 cli.capture_bytes =
                     Some(parse_capture(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))?);
             }
+            "sample_rate" => match value.as_u64() {
+                Some(n @ 1..=MAX_SAMPLE_RATE) => cli.sample_rate = Some(n as u32),
+                _ => bail!(
+                    "{key}: expected a whole number from 1 to {MAX_SAMPLE_RATE}, found {}",
+                    describe(&value)
+                ),
+            },
             "quiet" => {
                 cli.quiet = value.as_bool().with_context(|| {
                     format!("{key}: expected true or false, found {}", describe(&value))
@@ -455,6 +473,8 @@ const MIN_RING: u64 = 4096;
 const MAX_RING: u64 = 1 << 30;
 const DEFAULT_RING_BUFFER: u32 = 8 << 20;
 const DEFAULT_FLOW_MAP: u32 = 131_072;
+/// Sparser than one in a million keeps too few samples to be history.
+const MAX_SAMPLE_RATE: u64 = 1_000_000;
 /// 1 GiB: a month of a busy service's history at a few hundred packets a
 /// second, and small next to a node's disk.
 pub const DEFAULT_MAX_DB_SIZE: u64 = 1 << 30;
@@ -595,6 +615,12 @@ mod tests {
         assert_eq!(c.connection_timeout, Duration::from_secs(5));
         assert_eq!(c.attach_mode, AttachMode::Auto);
         assert_eq!(c.data_retention, None);
+        assert_eq!(c.sample_rate, 1);
+        let file = parse_yaml("sample_rate: 10\n").unwrap();
+        assert_eq!(merge(Cli::default(), file).sample_rate, 10);
+        let file = parse_yaml("sample_rate: 10\n").unwrap();
+        let flags = parse(&["--sample-rate", "100"]).unwrap();
+        assert_eq!(merge(flags, file).sample_rate, 100);
     }
 
     #[test]
@@ -614,6 +640,9 @@ mod tests {
             ),
             ("quiet: maybe", &["quiet", "maybe"]),
             ("attach_mode: xdp", &["attach_mode", "xdp"]),
+            ("sample_rate: 0", &["sample_rate", "0"]),
+            ("sample_rate: 1000001", &["sample_rate", "1000001"]),
+            ("sample_rate: half", &["sample_rate", "half"]),
             ("- port", &["mapping"]),
         ] {
             let err = format!("{:#}", parse_yaml(yaml).unwrap_err());
@@ -712,6 +741,9 @@ mod tests {
             &["--filter-protocol", "tcpx"],
             &["--connection-timeout", "0"],
             &["--attach-mode", "xdp"],
+            &["--sample-rate", "0"],
+            &["--sample-rate", "1000001"],
+            &["--sample-rate", "-5"],
         ] {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(args[0]), "{args:?}: {err}");

@@ -299,6 +299,8 @@ fn sum_totals(maps: &FlowMaps) -> Totals {
         ringbuf_drop_segments: a.ringbuf_drop_segments + t.ringbuf_drop_segments,
         flow_map_full: a.flow_map_full + t.flow_map_full,
         filtered_out: a.filtered_out + t.filtered_out,
+        sampled_out: a.sampled_out + t.sampled_out,
+        sampled_out_segments: a.sampled_out_segments + t.sampled_out_segments,
         protocol_scratch: 0,
     })
 }

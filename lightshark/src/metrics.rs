@@ -124,6 +124,12 @@ pub fn render(state: &ApiState) -> String {
     );
 
     m.single(
+        "lightshark_sampled_out_packets_total",
+        COUNTER,
+        "IP packets --sample-rate left without a sample; they are in every other total.",
+        t.sampled_out,
+    );
+    m.single(
         "lightshark_samples_emitted_total",
         COUNTER,
         "Samples the kernel emitted, one per kernel packet of an IP flow.",

@@ -26,4 +26,6 @@ pub struct ApiState {
     pub token: Option<String>,
     /// `--flow-map-size`: the flows the kernel map can hold.
     pub flow_map_capacity: u32,
+    /// `--sample-rate`: about 1 in this many IP packets has a sample.
+    pub sample_rate: u32,
 }
