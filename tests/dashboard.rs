@@ -245,9 +245,14 @@ fn the_dashboard_shows_the_traffic_as_it_flows() -> anyhow::Result<()> {
     check_page(&report, port, sent)?;
     none_in(&report, "consoleErrors")?;
     none_in(&report, "errorResponses")?;
-    for id in ["ringBufferDrops", "flowMapFull"] {
+    for id in ["ringBufferDrops", "flowMapFull", "sampledOut"] {
         ensure!(report["shown"][id] == "0", "{id}: {}", report["shown"][id]);
     }
+    ensure!(
+        report["shown"]["sampleRate"] == "every packet",
+        "sample rate shown as {}",
+        report["shown"]["sampleRate"]
+    );
     Ok(())
 }
 

@@ -96,6 +96,8 @@ async function watchTraffic(page) {
     pps: await page.locator('#pps').textContent(),
     ringBufferDrops: await page.locator('#ring-buffer-drops').textContent(),
     flowMapFull: await page.locator('#flow-map-full').textContent(),
+    sampledOut: await page.locator('#samples-sampled-out').textContent(),
+    sampleRate: await page.locator('#sample-rate').textContent(),
   };
   await page.screenshot({ path: args.screenshot, fullPage: true });
   if (args.token) {
