@@ -172,6 +172,10 @@ enum Monitor {
     /// History of about 1 packet in [`SAMPLE_RATE`]: what the kernel
     /// program and the agent cost when storage is not the limit.
     Sampled,
+    /// The agent started and then stopped with SIGSTOP: the kernel program
+    /// still counts every packet and fills the ring, and nothing in user
+    /// space runs, so this is what the kernel side alone costs.
+    KernelOnly,
     Tcpdump,
 }
 
@@ -179,10 +183,11 @@ enum Monitor {
 const SAMPLE_RATE: &str = "100";
 
 impl Monitor {
-    const ALL: [Monitor; 4] = [
+    const ALL: [Monitor; 5] = [
         Monitor::None,
         Monitor::LightShark,
         Monitor::Sampled,
+        Monitor::KernelOnly,
         Monitor::Tcpdump,
     ];
 
@@ -191,6 +196,9 @@ impl Monitor {
             Monitor::None => "none",
             Monitor::LightShark => "LightShark (`lightshark-mini -i vb`, history on)",
             Monitor::Sampled => "LightShark sampling (`lightshark-mini -i vb --sample-rate 100`)",
+            Monitor::KernelOnly => {
+                "LightShark's kernel program alone (the agent above, stopped with SIGSTOP; control)"
+            }
             Monitor::Tcpdump => "tcpdump (`tcpdump -i vb -n -w /dev/null`)",
         }
     }
@@ -200,6 +208,8 @@ impl Monitor {
 enum Running {
     None,
     Agent(Box<Agent>),
+    /// Stopped with SIGSTOP; dropping the agent kills it all the same.
+    Stopped { _agent: Box<Agent> },
     Tcpdump(Child),
 }
 
@@ -221,13 +231,24 @@ fn start(
 ) -> anyhow::Result<Running> {
     Ok(match monitor {
         Monitor::None => Running::None,
-        Monitor::LightShark | Monitor::Sampled => {
+        Monitor::LightShark | Monitor::Sampled | Monitor::KernelOnly => {
             let _ = fs::remove_file(dir.path.join("traffic.db"));
             let mut args = extra.to_vec();
             if monitor == Monitor::Sampled {
                 args.extend(["--sample-rate", SAMPLE_RATE]);
             }
-            Running::Agent(Box::new(Agent::start(&pair.b, "vb", dir, &args)?))
+            let agent = Box::new(Agent::start(&pair.b, "vb", dir, &args)?);
+            if monitor == Monitor::KernelOnly {
+                let pid = agent.pid().context("agent pid")?;
+                // SAFETY: SIGSTOP to the agent we started.
+                ensure!(
+                    unsafe { libc::kill(pid as i32, libc::SIGSTOP) } == 0,
+                    "stopping the agent"
+                );
+                Running::Stopped { _agent: agent }
+            } else {
+                Running::Agent(agent)
+            }
         }
         Monitor::Tcpdump => {
             let mut child = pair
@@ -289,13 +310,14 @@ fn tcp_throughput(size: &Size, report: &mut Report) -> anyhow::Result<()> {
          of each configuration, interleaved.\n\n| monitor on the receiving veth | Gbit/s median [min-max] | ratio |\n|---|---|---|\n",
         size.tcp_seconds, size.reps
     );
-    let (mut lightshark_ratio, mut sampled_ratio) = (0.0, 0.0);
+    let (mut lightshark_ratio, mut sampled_ratio, mut kernel_ratio) = (0.0, 0.0, 0.0);
     for (i, m) in Monitor::ALL.into_iter().enumerate() {
         let (med, lo, hi) = spread(&results[i]);
         let ratio = med / none;
         match m {
             Monitor::LightShark => lightshark_ratio = ratio,
             Monitor::Sampled => sampled_ratio = ratio,
+            Monitor::KernelOnly => kernel_ratio = ratio,
             _ => {}
         }
         let _ = writeln!(
@@ -310,7 +332,9 @@ fn tcp_throughput(size: &Size, report: &mut Report) -> anyhow::Result<()> {
         "\nThe no-monitor runs alone span {:.0}% of their median. The sampling row runs the same \
          kernel program with the same exact counters and keeps about 1 sample in {SAMPLE_RATE}: \
          its {sampled_ratio:.2} against history-on's {lightshark_ratio:.2} is what storing every \
-         packet costs.",
+         packet costs. The control row keeps the kernel program attached and stops the agent: \
+         its {kernel_ratio:.2} is what the kernel side costs, and the distance from it to \
+         history-on is the agent's user-space work.",
         (hi - lo) / none * 100.0
     );
     let (cpu_med, cpu_lo, cpu_hi) = spread(&agent_cpu);
@@ -574,6 +598,11 @@ fn small_packets(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Re
         body,
         "| none, with a busy loop taking one core (control) | {med:.0} [{lo:.0}-{hi:.0}] | {:.2} |",
         med / none
+    );
+    body.push_str(
+        "\nWith the agent stopped its ring buffer fills after about 40,000 records and the \
+         kernel program then counts each further sample as dropped without writing it, so that \
+         row is the kernel side without most of the ring-buffer record's cost.\n",
     );
     body.push_str("\nLightShark's own count in each repetition (sent = tcpreplay's successful packets):\n\n| sample rate | sent | counted | history rows + counted drops + sampled out | of which drops | of which sampled out |\n|---|---|---|---|---|---|\n");
     let mut all_exact = true;
