@@ -123,6 +123,19 @@ fn every_bad_setting_stops_the_agent_naming_it() -> anyhow::Result<()> {
             vec!["--data-retention"],
         ),
         (vec!["--bogus".into()], vec!["--bogus"]),
+        // A device reports no size; the limit must hold all the same.
+        (
+            vec!["-c".into(), "/dev/zero".into()],
+            vec!["/dev/zero", "65536"],
+        ),
+        (
+            vec!["--api-token".into(), "".into()],
+            vec!["--api-token", "visible ASCII"],
+        ),
+        (
+            vec!["--sample-rate".into(), "0".into()],
+            vec!["--sample-rate", "0"],
+        ),
     ];
     for (args, words) in cases {
         let mut full: Vec<&str> = vec!["--interface", "vb", "--db-path"];

@@ -5,12 +5,21 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream, UdpSocket},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context as _};
 use lightshark_tests::*;
+
+/// The samples the agent's last log line says it stored.
+fn stored_in_log(log: &str) -> anyhow::Result<u64> {
+    log.lines()
+        .rev()
+        .find_map(|l| l.split("stopped; ").nth(1)?.split(' ').next()?.parse().ok())
+        .context("no 'stopped; N samples stored' line")
+}
 
 fn integrity(db: &std::path::Path) -> anyhow::Result<(String, u64)> {
     let conn = rusqlite::Connection::open(db)?;
@@ -83,12 +92,7 @@ fn sigterm_during_a_flood_stores_every_sample_counted() -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("sender panicked"))??;
         // The log's last line reports what was stored; every one of them
         // must be in the file, and nothing may have been dropped.
-        let stored: u64 = exit
-            .log
-            .lines()
-            .rev()
-            .find_map(|l| l.split("stopped; ").nth(1)?.split(' ').next()?.parse().ok())
-            .context("no 'stopped; N samples stored' line")?;
+        let stored = stored_in_log(&exit.log)?;
         let (check, rows) = integrity(&agent.db_path)?;
         ensure!(
             check == "ok" && rows == stored && rows > 10_000,
@@ -96,6 +100,49 @@ fn sigterm_during_a_flood_stores_every_sample_counted() -> anyhow::Result<()> {
         );
         Ok(())
     })
+}
+
+/// On a core something else keeps busy the agent's own threads, at idle
+/// priority, barely run; a SIGTERM must still store every sample well
+/// within Kubernetes' 30 s grace period.
+#[test]
+fn sigterm_on_a_saturated_core_stores_every_sample_in_time() -> anyhow::Result<()> {
+    let pair = VethPair::new(false)?;
+    let dir = TempDir::new("busy")?;
+    let _sink = pair.b.enter(|| UdpSocket::bind((B4, 7604)))??;
+    let mut agent = Agent::start(&pair.b, "vb", &dir, &[])?;
+    let pid = agent.pid().context("agent pid")?.to_string();
+    let cpu = (thread::available_parallelism()?.get() - 1).to_string();
+    run("taskset", &["-a", "-p", "-c", &cpu, &pid])?;
+    // A normal-priority busy loop on the agent's core, ended by its PID.
+    let mut hog = Command::new("taskset")
+        .args(["-c", &cpu, "sh", "-c", "while :; do :; done"])
+        .spawn()?;
+    let result = (|| -> anyhow::Result<()> {
+        udp_steady(&pair.a, A4, B4, 7604, 50_000, Duration::from_secs(2))?;
+        let (stats, _) = quiet_stats(&agent, &pair.b, "vb")?;
+        let started = Instant::now();
+        let exit = agent.stop(libc::SIGTERM)?;
+        let took = started.elapsed();
+        ensure!(exit.code == Some(0), "exit {:?}: {}", exit.code, exit.log);
+        ensure!(
+            took < Duration::from_secs(15),
+            "SIGTERM took {took:?} on a busy core"
+        );
+        let stored = stored_in_log(&exit.log)?;
+        let (check, rows) = integrity(&agent.db_path)?;
+        let emitted = stat(&stats, &["samples", "emitted"]);
+        let ring_full = stat(&stats, &["samples", "dropped", "ring_buffer_full"]);
+        ensure!(
+            check == "ok" && rows == stored && rows + ring_full == emitted && rows > 10_000,
+            "{rows} rows, {stored} reported stored, {emitted} emitted, {ring_full} ring-full"
+        );
+        Ok(())
+    })();
+    // SAFETY: SIGKILL to the busy loop this test spawned.
+    unsafe { libc::kill(hog.id() as i32, libc::SIGKILL) };
+    let _ = hog.wait();
+    result
 }
 
 #[test]

@@ -148,8 +148,12 @@ fn describe_settings(config: &Config) -> String {
         filters.push(format!("protocol {}", crate::wire::protocol_name(p)));
     }
     format!(
-        "history in {}; filter: {}; idle flows removed after {} s; retention: {}; size cap: {}",
+        "history in {} ({}); filter: {}; idle flows removed after {} s; retention: {}; size cap: {}",
         config.db_path.display(),
+        match config.sample_rate {
+            1 => "every packet".to_owned(),
+            n => format!("about 1 packet in {n}"),
+        },
         if filters.is_empty() {
             "none".to_owned()
         } else {

@@ -5,7 +5,7 @@
 //! the default. Each YAML key is the flag's long name with underscores
 //! (`--db-path` is `db_path`), except `data_retention_seconds`.
 
-use std::{fs, net::IpAddr, path::PathBuf, time::Duration};
+use std::{fs, io::Read as _, net::IpAddr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
@@ -71,7 +71,8 @@ struct Cli {
         long,
         value_name = "TOKEN",
         env = "LIGHTSHARK_API_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = parse_token
     )]
     api_token: Option<String>,
 
@@ -285,17 +286,21 @@ const KEYS: &[&str] = &[
 const MAX_CONFIG_BYTES: u64 = 64 << 10;
 
 fn read_file(path: &std::path::Path) -> anyhow::Result<Cli> {
-    let size = fs::metadata(path)
-        .with_context(|| format!("cannot read config file {} (-c/--config)", path.display()))?
-        .len();
-    if size > MAX_CONFIG_BYTES {
+    let unreadable = || format!("cannot read config file {} (-c/--config)", path.display());
+    // Read at most one byte past the limit rather than trusting the size the
+    // file reports: devices (/dev/zero) and pipes report none.
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+        .with_context(unreadable)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
         bail!(
-            "config file {} is {size} bytes; a config file is at most {MAX_CONFIG_BYTES}",
+            "config file {} is more than {MAX_CONFIG_BYTES} bytes, far more than a config file",
             path.display()
         );
     }
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {} (-c/--config)", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("config file {} is not UTF-8 text", path.display()))?;
     parse_yaml(&text).with_context(|| format!("config file {}", path.display()))
 }
 

@@ -79,7 +79,8 @@ pub fn segments_of<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> u64 {
 /// The running reader thread.
 pub struct Reader {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+    stats: Arc<ReaderStats>,
+    thread: JoinHandle<(RingBuf<MapData>, Sender<Batch>)>,
 }
 
 impl Reader {
@@ -87,50 +88,74 @@ impl Reader {
     pub fn spawn(ring: RingBuf<MapData>, out: Sender<Batch>, stats: Arc<ReaderStats>) -> Reader {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
+        let thread_stats = stats.clone();
         let thread = thread::Builder::new()
             .name("ring-reader".into())
             .spawn(move || {
                 crate::priority::background();
-                run(ring, out, &stats, &stop_flag)
+                run(ring, out, &thread_stats, &stop_flag)
             })
             .expect("spawning the ring reader thread");
-        Reader { stop, thread }
+        Reader {
+            stop,
+            stats,
+            thread,
+        }
     }
 
     /// Drains what is left and ends. Call after the program is detached, so
-    /// that "left" is everything the kernel will ever emit.
+    /// that "left" is everything the kernel will ever emit. The last drain
+    /// runs on the calling thread: the reader's own runs at idle priority,
+    /// and on a saturated node it would wait long for the CPU (measured: a
+    /// SIGTERM took 32 s, past Kubernetes' 30 s grace period).
     pub fn finish(self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = self.thread.join();
+        if let Ok((mut ring, out)) = self.thread.join() {
+            drain(&mut ring, &out, &self.stats, None);
+        }
     }
 }
 
-fn run(mut ring: RingBuf<MapData>, out: Sender<Batch>, stats: &ReaderStats, stop: &AtomicBool) {
-    loop {
-        // Read the flag before draining: once it is set the kernel has
-        // stopped, so the drain below empties the ring for good.
-        let stopping = stop.load(Ordering::SeqCst);
-        let clock = WallClock::now();
-        let mut batch = Batch::new(clock);
-        while let Some(item) = ring.next() {
-            let Some(sample) = parse_record(&item) else {
-                continue;
-            };
+/// Drains on a timer until `stop` is set, then hands the ring back.
+fn run(
+    mut ring: RingBuf<MapData>,
+    out: Sender<Batch>,
+    stats: &ReaderStats,
+    stop: &AtomicBool,
+) -> (RingBuf<MapData>, Sender<Batch>) {
+    while !stop.load(Ordering::SeqCst) {
+        drain(&mut ring, &out, stats, Some(stop));
+        thread::sleep(DRAIN_PERIOD);
+    }
+    (ring, out)
+}
+
+/// Takes every record out of the ring into batches for the store, or stops
+/// early once `stop` is set.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    out: &Sender<Batch>,
+    stats: &ReaderStats,
+    stop: Option<&AtomicBool>,
+) {
+    let clock = WallClock::now();
+    let mut batch = Batch::new(clock);
+    while let Some(item) = ring.next() {
+        if let Some(sample) = parse_record(&item) {
             let start = mem::size_of::<Sample>();
             batch
                 .bytes
                 .extend_from_slice(&item[start..start + usize::from(sample.captured)]);
             batch.samples.push(sample);
             if batch.samples.len() >= MAX_BATCH {
-                hand_over(&out, stats, mem::replace(&mut batch, Batch::new(clock)));
+                hand_over(out, stats, mem::replace(&mut batch, Batch::new(clock)));
             }
         }
-        hand_over(&out, stats, batch);
-        if stopping {
-            return;
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            break;
         }
-        thread::sleep(DRAIN_PERIOD);
     }
+    hand_over(out, stats, batch);
 }
 
 /// The sample at the start of a ring record, with `captured` trimmed to the

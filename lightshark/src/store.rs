@@ -9,7 +9,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{Receiver, RecvTimeoutError},
         Arc, Mutex,
     },
@@ -34,8 +34,10 @@ use crate::{
 /// captured headers and a time index instead of the chunk index; it is
 /// migrated in place at start.
 const SCHEMA_VERSION: i64 = 2;
-/// Rows per transaction at most.
-const MAX_ROWS_PER_COMMIT: usize = 65_536;
+/// Rows per transaction at most: about 10 ms of the writer's CPU. A stop
+/// waits for the transaction in progress, which on a saturated node, at
+/// idle priority, takes seconds per 10,000 rows.
+const MAX_ROWS_PER_COMMIT: usize = 8_192;
 /// Shortest time between two commits: samples arriving within it go into
 /// one transaction. Each commit rewrites the last pages it touched and the
 /// open chunk's index row, so a commit per 1 ms drain cost the writer about
@@ -291,7 +293,8 @@ fn migrate_v1_to_v2(conn: &Connection) -> anyhow::Result<()> {
 
 /// The running writer thread.
 pub struct Writer {
-    thread: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Rest>,
 }
 
 /// The writer's inputs and ledgers.
@@ -311,19 +314,65 @@ impl Writer {
     /// Starts writing every batch from the input to the database until the
     /// sending side is closed and the queue is empty.
     pub fn spawn(setup: WriterSetup) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
         let thread = thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
                 crate::priority::background();
-                write_loop(setup)
+                write_loop(setup, &stop_flag)
             })
             .expect("spawning the SQLite writer thread");
-        Writer { thread }
+        Writer { stop, thread }
     }
 
     /// Waits until every queued sample is committed (or counted as dropped).
+    /// The thread stops after the commit it is in; the rest is written on
+    /// the calling thread, for the reason `Reader::finish` gives.
     pub fn finish(self) {
-        let _ = self.thread.join();
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(rest) = self.thread.join() {
+            rest.write();
+        }
+    }
+}
+
+/// What the writer thread hands back when stopped: the connection and the
+/// queue, for the caller to commit what is left.
+struct Rest {
+    conn: Connection,
+    input: Receiver<Batch>,
+    queue: Arc<ReaderStats>,
+    stats: Arc<WriterStats>,
+    ids: Ids,
+    failing: ErrorLog,
+    /// A batch taken from the queue just as the stop came.
+    first: Option<Batch>,
+}
+
+impl Rest {
+    /// Commits every queued batch until the sending side is gone, then
+    /// folds the WAL into the database file, so that the file alone holds
+    /// the whole history once the agent has stopped.
+    fn write(mut self) {
+        let queued = std::iter::from_fn(|| self.input.recv().ok());
+        for batch in self.first.take().into_iter().chain(queued) {
+            commit(
+                &self.conn,
+                &mut self.ids,
+                batch,
+                &self.input,
+                &self.queue,
+                &self.stats,
+                &mut self.failing,
+            );
+        }
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            log::warn!("final checkpoint of the database failed: {e}");
+        }
     }
 }
 
@@ -333,7 +382,7 @@ const IDLE_WAKE: Duration = Duration::from_secs(1);
 /// few milliseconds, so sample writes between steps never wait long.
 const DELETE_BATCH: usize = 5_000;
 
-fn write_loop(setup: WriterSetup) {
+fn write_loop(setup: WriterSetup, stop: &AtomicBool) -> Rest {
     let WriterSetup {
         conn,
         input,
@@ -356,22 +405,17 @@ fn write_loop(setup: WriterSetup) {
     // most once a second, and keeps going step by step, between sample
     // commits, while there is more to delete.
     let mut housekeeping_due = Instant::now();
-    loop {
+    let first = loop {
         // With deleting still to do, only look for samples, never wait.
         let wait = housekeeping_due
             .saturating_duration_since(Instant::now())
             .min(IDLE_WAKE);
         match input.recv_timeout(wait) {
+            Ok(first) if stop.load(Ordering::SeqCst) => break Some(first),
             Ok(first) => commit(&conn, &mut ids, first, &input, &queue, &stats, &mut failing),
+            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::SeqCst) => break None,
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                // Fold the WAL into the database file, so that the file alone
-                // holds the whole history once the agent has stopped.
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                    log::warn!("final checkpoint of the database failed: {e}");
-                }
-                return;
-            }
+            Err(RecvTimeoutError::Disconnected) => break None,
         }
         if Instant::now() >= housekeeping_due {
             match housekeeping(&conn, retention, max_size, &stats) {
@@ -383,6 +427,15 @@ fn write_loop(setup: WriterSetup) {
                 }
             }
         }
+    };
+    Rest {
+        conn,
+        input,
+        queue,
+        stats,
+        ids,
+        failing,
+        first,
     }
 }
 

@@ -209,7 +209,9 @@ enum Running {
     None,
     Agent(Box<Agent>),
     /// Stopped with SIGSTOP; dropping the agent kills it all the same.
-    Stopped { _agent: Box<Agent> },
+    Stopped {
+        _agent: Box<Agent>,
+    },
     Tcpdump(Child),
 }
 
