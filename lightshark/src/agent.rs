@@ -87,7 +87,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         sample_rate: config.sample_rate,
     });
     log::info!(
-        "API on http://{addr}: /api/health /api/live /api/stats /api/history /api/stream /metrics{}",
+        "API on http://{addr}: / (dashboard) /api/health /api/live /api/stats /api/history /api/history.pcap /api/top /api/stream /api/openapi.json /metrics{}",
         if config.api_token.is_some() {
             " (token required)"
         } else {

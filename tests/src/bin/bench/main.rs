@@ -772,7 +772,8 @@ fn small_profile(
          (its own code {:.0}, flow-map lookup {:.0}, ring-buffer reserve and submit {:.0}, \
          clock {:.0}, header copy {:.0}) and the TC hook that calls it {hook_extra:.0} ns more \
          in `__netif_receive_skb_core` than with no monitor. Those alone predict a ratio of \
-         {predicted:.2} (measured above: {:.2}). The agent's threads used {:.0} ns of CPU per \
+         {predicted:.2} (the profiled run itself: {:.2} of the no-monitor median, perf's own \
+         sampling weighing on it). The agent's threads used {:.0} ns of CPU per \
          packet, at idle priority; work on the other core is not on this path, as the control \
          row above shows (a busy loop on a whole core: {:.2} of the rate). The 0.95 target \
          leaves {:.0} ns per packet for everything the monitor adds in the kernel.",
