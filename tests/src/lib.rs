@@ -1024,6 +1024,15 @@ pub fn stat(v: &Value, path: &[&str]) -> u64 {
     path.iter().fold(v, |v, k| &v[*k]).as_u64().unwrap_or(0)
 }
 
+/// What a sample ledger (`stats["samples"]` or `stats["sample_segments"]`)
+/// counts as dropped, every cause together.
+pub fn ledger_dropped(ledger: &Value) -> u64 {
+    ["ring_buffer_full", "writer_backlog", "storage_error"]
+        .iter()
+        .map(|cause| stat(ledger, &["dropped", cause]))
+        .sum()
+}
+
 /// The kernel's description of one file descriptor (`/proc/PID/fdinfo/N`).
 pub struct FdInfo(String);
 

@@ -295,9 +295,7 @@ fn tcp_throughput(size: &Size, report: &mut Report) -> anyhow::Result<()> {
             if let (Some((pid, a)), Some(c0)) = (agent, cpu0) {
                 agent_cpu.push((cpu_seconds(pid)? - c0) / f64::from(size.tcp_seconds) * 100.0);
                 let (stats, _) = quiet_stats(a, &pair.b, "vb")?;
-                dropped += stat(&stats, &["ring_buffer_drops"])
-                    + stat(&stats, &["samples", "dropped", "writer_backlog"])
-                    + stat(&stats, &["samples", "dropped", "storage_error"]);
+                dropped += ledger_dropped(&stats["samples"]);
                 let cpu = &v["end"]["cpu_utilization_percent"];
                 iperf_cpu.push((
                     cpu["host_total"].as_f64().unwrap_or(0.0),
@@ -550,11 +548,7 @@ fn small_packets(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Re
             if let (Running::Agent(a), Some(s0)) = (&running, before) {
                 let (s, _) = quiet_stats(a, &pair.b, "vb")?;
                 let counted = stat(&s, &["total_packets"]) - stat(&s0, &["total_packets"]);
-                let drops = |v: &Value| {
-                    stat(v, &["samples", "dropped", "ring_buffer_full"])
-                        + stat(v, &["samples", "dropped", "writer_backlog"])
-                        + stat(v, &["samples", "dropped", "storage_error"])
-                };
+                let drops = |v: &Value| ledger_dropped(&v["samples"]);
                 let kept = |v: &Value| {
                     stat(v, &["samples", "stored"])
                         + drops(v)
@@ -650,9 +644,7 @@ fn small_packets(size: &Size, work: &TempDir, report: &mut Report) -> anyhow::Re
     let rss = status_mb(pid, "VmHWM:")?;
     let counted = stat(&s, &["total_packets"]) - stat(&s0, &["total_packets"]);
     let stored = stat(&s, &["samples", "stored"]) - stat(&s0, &["samples", "stored"]);
-    let drops = (stat(&s, &["ring_buffer_drops"]) - stat(&s0, &["ring_buffer_drops"]))
-        + stat(&s, &["samples", "dropped", "writer_backlog"])
-        + stat(&s, &["samples", "dropped", "storage_error"]);
+    let drops = ledger_dropped(&s["samples"]) - ledger_dropped(&s0["samples"]);
     let _ = writeln!(
         body,
         "\nSustained: `tcpreplay -K --pps={}` of {frames} frames with LightShark: achieved {pps:.0} packets/s, \
